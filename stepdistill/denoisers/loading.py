@@ -1,0 +1,108 @@
+"""Load and save denoisers as local diffusers-format directories.
+
+A teacher directory is either a pipeline-style directory (``unet/``, ``transformer/`` or
+``denoiser/`` next to ``scheduler/``, as diffusers' ``save_pretrained`` writes it) or a single model
+directory (``config.json`` + weights) with a ``scheduler_config.json`` beside it or in
+``../scheduler/``. Hub ids are refused: our machines cannot reach a model hub.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from stepdistill.denoisers.base import Denoiser
+from stepdistill.errors import StepdistillError
+from stepdistill.schedules import NoiseSchedule
+
+#: backbone ``_class_name`` -> (module with the backbone class, adapter "module:Class")
+ADAPTERS: dict[str, tuple[str, str]] = {
+    "UNet2DModel": ("diffusers", "stepdistill.denoisers.diffusers:UNet2DDenoiser"),
+    "UNet2DConditionModel": ("diffusers", "stepdistill.denoisers.diffusers:UNet2DConditionDenoiser"),
+    "SD3Transformer2DModel": ("diffusers", "stepdistill.denoisers.diffusers:SD3Denoiser"),
+    "ToyMLP": ("stepdistill.denoisers.toy", "stepdistill.denoisers.toy:ToyDenoiser"),
+}
+MODEL_SUBFOLDERS = ("unet", "transformer", "denoiser")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_local_dir(path: str | Path, what: str = "teacher") -> Path:
+    """``path`` as an existing local directory, or a one-line StepdistillError saying what to do."""
+    p = Path(str(path)).expanduser()
+    if p.is_dir():
+        return p
+    if _HUB_ID.match(str(path)) and not p.exists():
+        raise StepdistillError(
+            f"{what} path {str(path)!r} looks like a model-hub id, but stepdistill loads only local "
+            f"directories (no hub access): download it elsewhere with `hf download {path} --local-dir DIR` "
+            f"and pass {what}.path=DIR")
+    if p.exists():
+        raise StepdistillError(f"{what} path {str(p)!r} is a file; pass a local diffusers directory")
+    raise StepdistillError(f"{what} directory not found: {str(p)!r}; pass an existing local diffusers "
+                           f"directory ({what}.path=DIR)")
+
+
+def find_model_dir(root: Path) -> Path:
+    """The backbone's directory inside a pipeline-style directory (or the directory itself)."""
+    for name in MODEL_SUBFOLDERS:
+        if (root / name / "config.json").is_file():
+            return root / name
+    if (root / "config.json").is_file():
+        return root
+    raise StepdistillError(f"no model found in {str(root)!r}: expected one of "
+                           f"{'/, '.join(MODEL_SUBFOLDERS)}/ with a config.json, or a config.json in it")
+
+
+def find_scheduler_config(root: Path, model_dir: Path) -> Path:
+    for cand in (root / "scheduler" / "scheduler_config.json", model_dir / "scheduler_config.json",
+                 model_dir.parent / "scheduler" / "scheduler_config.json"):
+        if cand.is_file():
+            return cand
+    raise StepdistillError(f"no scheduler config for {str(root)!r}: add scheduler/scheduler_config.json "
+                           "(the diffusers scheduler the model was trained with)")
+
+
+def load_schedule(path: str | Path) -> NoiseSchedule:
+    """The NoiseSchedule of a local teacher directory, from its diffusers scheduler config."""
+    root = resolve_local_dir(path)
+    config_file = find_scheduler_config(root, find_model_dir(root))
+    config = json.loads(config_file.read_text())
+    import diffusers
+
+    cls = getattr(diffusers, config.get("_class_name", ""), None)
+    if cls is None:
+        return NoiseSchedule.from_diffusers(config)
+    return NoiseSchedule.from_diffusers(cls.from_config(config))
+
+
+def _import(spec: str):
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def load_denoiser(path: str | Path, *, dtype: torch.dtype | None = None) -> Denoiser:
+    """Load a local directory's backbone and schedule behind the matching ``Denoiser`` adapter."""
+    root = resolve_local_dir(path)
+    model_dir = find_model_dir(root)
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise StepdistillError(f"unreadable model config {str(model_dir / 'config.json')!r}: {e}") from None
+    class_name = config.get("_class_name")
+    if class_name not in ADAPTERS:
+        raise StepdistillError(f"unsupported backbone {class_name!r} in {str(model_dir)!r}; "
+                               f"supported: {', '.join(ADAPTERS)}")
+    module, adapter = ADAPTERS[class_name]
+    backbone_cls = getattr(importlib.import_module(module), class_name)
+    try:
+        backbone = backbone_cls.from_pretrained(str(model_dir), torch_dtype=dtype)
+    except (OSError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StepdistillError(f"could not load weights from {str(model_dir)!r} (corrupt or "
+                               f"incomplete checkpoint?): {first}") from None
+    schedule = load_schedule(root)
+    return _import(adapter)(backbone, schedule, schedule.prediction)
