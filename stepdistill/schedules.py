@@ -112,7 +112,7 @@ class NoiseSchedule:
         name = type(scheduler).__name__ if hasattr(scheduler, "config") else config.get("_class_name", "")
         get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
         n = int(get("num_train_timesteps", 1000))
-        if "FlowMatch" in name or get("_class_name", "") .startswith("FlowMatch"):
+        if "FlowMatch" in name:
             return cls.flow(shift=float(get("shift", 1.0) or 1.0), n=n)
         prediction = Prediction.from_diffusers(get("prediction_type", "epsilon") or "epsilon")
         ab = getattr(scheduler, "alphas_cumprod", None)
@@ -173,6 +173,34 @@ class NoiseSchedule:
         t = torch.as_tensor(t, device=x0.device)
         a, s = _bcast(self.alpha(t), x0), _bcast(self.sigma(t), x0)
         return (a * x0.double() + s * eps.double()).to(x0.dtype)
+
+    def target(self, x0: Tensor, eps: Tensor, t: Tensor, prediction: Prediction | str) -> Tensor:
+        """The exact regression target of a ``prediction`` network for x_t = add_noise(x0, eps, t).
+
+        x0 -> x0, eps -> eps, v -> alpha eps - sigma x0, flow -> d_alpha x0 + d_sigma eps (= eps - x0
+        for rectified flow). Float64 inside, x0's dtype out.
+        """
+        prediction = Prediction(prediction)
+        if prediction == Prediction.X0:
+            return x0
+        if prediction == Prediction.EPS:
+            return eps
+        t = torch.as_tensor(t, device=x0.device)
+        if prediction == Prediction.V:
+            a, s = _bcast(self.alpha(t), x0), _bcast(self.sigma(t), x0)
+        else:
+            a, s = _bcast(self.d_sigma(t), x0), -_bcast(self.d_alpha(t), x0)
+        return (a * eps.double() - s * x0.double()).to(x0.dtype)
+
+    def sample_time(self, n: int, *, generator: torch.Generator | None = None,
+                    device: torch.device | str = "cpu", t_min: float = 0.0, t_max: float = 1.0) -> Tensor:
+        """Training times [n] in [t_min, t_max]: integer table steps for VP, shifted uniform for flow."""
+        u = torch.rand(n, generator=generator, dtype=torch.float64).to(device)
+        if self.kind == "vp":
+            lo = round(t_min * (self.num_train_timesteps - 1))
+            hi = round(t_max * (self.num_train_timesteps - 1))
+            return self.from_model_time((lo + u * (hi - lo + 1)).floor().clamp(max=hi))
+        return self.shift_time(t_min + u * (t_max - t_min)).clamp(1e-4, 1.0)
 
     def to_model_time(self, t: Tensor) -> Tensor:
         """The backbone's own timestep: ``t * (N - 1)`` for VP tables, ``t * N`` for flow (float)."""
@@ -270,6 +298,4 @@ def _zero_terminal_snr(ab: Tensor) -> Tensor:
     sqrt_ab = ab.sqrt()
     first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
     sqrt_ab = (sqrt_ab - last) * first / (first - last)
-    out = sqrt_ab**2
-    out[-1] = 2.0**-24
-    return out
+    return sqrt_ab**2

@@ -1,0 +1,31 @@
+"""Exponential moving average of a module's parameters (and a copy of its buffers)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class EMA(nn.Module):
+    """``ema = decay * ema + (1 - decay) * param`` after each optimizer step.
+
+    Args:
+        model: the online module (not modified).
+        decay: the EMA decay; 0 copies the online weights every update.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.999) -> None:
+        super().__init__()
+        self.decay = float(decay)
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        online = dict(model.named_parameters())
+        for name, p in self.model.named_parameters():
+            p.lerp_(online[name].detach().to(p.dtype), 1.0 - self.decay)
+        online_buffers = dict(model.named_buffers())
+        for name, b in self.model.named_buffers():
+            b.copy_(online_buffers[name])

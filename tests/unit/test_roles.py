@@ -1,0 +1,102 @@
+"""Teacher / Generator / Critic, CFG, and the samplers, on a tiny class-conditional UNet2DModel."""
+
+import diffusers
+import pytest
+import torch
+
+from stepdistill.conditioning import Conditioning
+from stepdistill.denoisers.diffusers import UNet2DDenoiser
+from stepdistill.guidance import cfg
+from stepdistill.roles import Critic, Generator, Teacher
+from stepdistill.schedules import NoiseSchedule, Prediction
+from stepdistill.teachers import build_digits_unet
+
+
+@pytest.fixture(scope="module")
+def denoiser():
+    torch.manual_seed(0)
+    unet = build_digits_unet((8, 16), 1, num_classes=3, norm_groups=4)
+    return UNet2DDenoiser(unet, NoiseSchedule.vp("linear", 1000, 1e-4, 0.02), Prediction.EPS)
+
+
+def batch(b=4):
+    g = torch.Generator().manual_seed(3)
+    return (torch.randn(b, 1, 8, 8, generator=g), torch.rand(b, generator=g) * 0.9 + 0.05,
+            Conditioning.labels(torch.tensor([0, 1, 2, 1][:b]), null_class=3))
+
+
+def test_unet2d_x0_equals_hand_conversion(denoiser):
+    x_t, t, cond = batch()
+    eps = denoiser.backbone(x_t, t * 999, class_labels=cond.class_labels).sample.double()
+    ab = denoiser.schedule.alpha(t) ** 2
+    x0 = (x_t.double() - (1 - ab).sqrt()[:, None, None, None] * eps) / ab.sqrt()[:, None, None, None]
+    torch.testing.assert_close(denoiser(x_t, t, cond).double(), x0, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(denoiser(x_t, t, cond, out=Prediction.EPS).double(), eps, rtol=1e-4, atol=1e-5)
+
+
+def test_teacher_cfg(denoiser):
+    teacher = Teacher(denoiser, guidance_scale=1.0)
+    x_t, t, cond = batch()
+    c, u = denoiser(x_t, t, cond), denoiser(x_t, t, cond.null())
+    torch.testing.assert_close(teacher.predict(x_t, t, cond), c)
+    torch.testing.assert_close(teacher.predict(x_t, t, cond, guidance_scale=3.0), u + 3.0 * (c - u),
+                               rtol=1e-4, atol=1e-4)
+    per_sample = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    torch.testing.assert_close(teacher.predict(x_t, t, cond, guidance_scale=per_sample), cfg(u, c, per_sample),
+                               rtol=1e-4, atol=1e-4)
+    # guidance in x0 space equals guidance in eps space
+    ge = teacher.predict(x_t, t, cond, guidance_scale=3.0, out=Prediction.EPS)
+    gx = teacher.predict(x_t, t, cond, guidance_scale=3.0)
+    torch.testing.assert_close(denoiser.schedule.convert(ge, x_t, t, "eps", "x0"), gx, rtol=1e-4, atol=1e-4)
+    assert teacher.nfe(50, 2.0) == 100 and teacher.nfe(50, 1.0) == 50
+
+
+def test_teacher_is_frozen_and_stays_in_eval(denoiser):
+    teacher = Teacher(denoiser)
+    teacher.train()
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_generator_and_critic_are_trainable_copies(denoiser):
+    teacher = Teacher(denoiser)
+    gen, critic = Generator(teacher.denoiser, steps=4), Critic(teacher.denoiser)
+    assert all(p.requires_grad for p in gen.trainable_parameters())
+    x_t, t, cond = batch()
+    gen(x_t, t, cond).sum().backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert gen.denoiser.backbone is not teacher.denoiser.backbone
+    torch.testing.assert_close(critic(x_t, t, cond), teacher.predict(x_t, t, cond))
+    torch.testing.assert_close(gen.grid() * 999, torch.tensor([999.0, 749, 499, 249], dtype=torch.float64))
+    feats = critic.features(x_t, t, cond)
+    assert feats["mid_block"].shape == (4, 16, 4, 4)
+
+
+def test_generator_sample_is_reproducible_and_one_step_is_one_call(denoiser):
+    gen = Generator(denoiser, steps=1)
+    noise = torch.randn(4, 1, 8, 8)
+    _, _, cond = batch()
+    one = gen.sample(noise, cond)
+    torch.testing.assert_close(one, gen(noise, torch.ones(4), cond))
+    a = gen.sample(noise, cond, steps=3, generator=torch.Generator().manual_seed(0))
+    b = gen.sample(noise, cond, steps=3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(a, b)
+
+
+def test_ode_sampler_equals_diffusers_ddim_loop(denoiser):
+    """Our DDIM sampler == diffusers' DDIMScheduler (trailing spacing, set_alpha_to_one) loop."""
+    sch = diffusers.DDIMScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                                  timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=False)
+    teacher = Teacher(denoiser, guidance_scale=2.0)
+    _, _, cond = batch()
+    noise = torch.randn(4, 1, 8, 8)
+    ours = teacher.sample(noise, cond, steps=5)
+    sch.set_timesteps(5)
+    x = noise.clone()
+    unet = denoiser.backbone
+    with torch.no_grad():
+        for ts in sch.timesteps:
+            e = unet(torch.cat([x, x]), ts, class_labels=torch.cat([cond.class_labels, cond.null().class_labels])).sample
+            e = e[4:] + 2.0 * (e[:4] - e[4:])
+            x = sch.step(e, ts, x).prev_sample
+        # diffusers' last step lands at alpha_bar = 1, i.e. returns its x0 prediction
+    torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-4)
