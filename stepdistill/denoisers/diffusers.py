@@ -5,10 +5,11 @@ Only this module converts continuous ``t`` to a backbone's own timestep (via the
 
 from __future__ import annotations
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from stepdistill.conditioning import Conditioning
 from stepdistill.denoisers.base import Denoiser
+from stepdistill.schedules import NoiseSchedule, Prediction
 
 
 class UNet2DDenoiser(Denoiser):
@@ -18,3 +19,51 @@ class UNet2DDenoiser(Denoiser):
 
     def raw(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         return self.backbone(x_t, self.model_time(t, x_t), class_labels=cond.class_labels).sample
+
+
+class UNet2DConditionDenoiser(Denoiser):
+    """``diffusers.UNet2DConditionModel`` conditioned on prompt embeddings (SD1.5, SD2, SDXL).
+
+    SD1.5-style: ``cond.prompt_embeds`` [B, L, D] is the cross-attention context. SDXL-style (the
+    unet's ``addition_embed_type == "text_time"``): also ``cond.pooled_embeds`` [B, P] and
+    ``cond.time_ids`` [B, 6] as ``added_cond_kwargs``. Inputs and outputs are latents [B, C, H, W].
+    """
+
+    default_feature_modules = ("mid_block",)
+
+    @property
+    def uses_text_time(self) -> bool:
+        return self.backbone.config.get("addition_embed_type") == "text_time"
+
+    def raw(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+        if cond.prompt_embeds is None:
+            raise ValueError("UNet2DConditionDenoiser needs cond.prompt_embeds [B, L, D]")
+        added = None
+        if self.uses_text_time:
+            if cond.pooled_embeds is None or cond.time_ids is None:
+                raise ValueError("an SDXL-style unet needs cond.pooled_embeds [B, P] and cond.time_ids [B, 6]")
+            added = {"text_embeds": cond.pooled_embeds.to(x_t.dtype), "time_ids": cond.time_ids.to(x_t.dtype)}
+        return self.backbone(x_t, self.model_time(t, x_t), encoder_hidden_states=cond.prompt_embeds.to(x_t.dtype),
+                             added_cond_kwargs=added).sample
+
+
+class SD3Denoiser(Denoiser):
+    """``diffusers.SD3Transformer2DModel`` (rectified flow; the backbone predicts the velocity).
+
+    Conditioning: ``cond.prompt_embeds`` [B, L, D_joint] (CLIP + T5 tokens) and ``cond.pooled_embeds``
+    [B, P]; the timestep is ``t * N`` (``N = 1000``), as the scheduler's sigmas * 1000. Latents
+    [B, C, H, W]. ``features`` defaults to the image tokens [B, H*W/p^2, D] entering the middle block
+    (its timestep-modulated norm: a joint block itself returns the text stream first).
+    """
+
+    def __init__(self, backbone: nn.Module, schedule: NoiseSchedule,
+                 prediction: Prediction = Prediction.FLOW) -> None:
+        super().__init__(backbone, schedule, prediction)
+        self.default_feature_modules = (f"transformer_blocks.{len(backbone.transformer_blocks) // 2}.norm1",)
+
+    def raw(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+        if cond.prompt_embeds is None or cond.pooled_embeds is None:
+            raise ValueError("SD3Denoiser needs cond.prompt_embeds [B, L, D] and cond.pooled_embeds [B, P]")
+        return self.backbone(hidden_states=x_t, timestep=self.model_time(t, x_t),
+                             encoder_hidden_states=cond.prompt_embeds.to(x_t.dtype),
+                             pooled_projections=cond.pooled_embeds.to(x_t.dtype)).sample

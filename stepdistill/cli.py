@@ -1,0 +1,73 @@
+"""``stepdistill <command> [key=value ...]``: the command-line surface.
+
+User errors print one line (``stepdistill: error: ...``) and exit with status 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+from stepdistill.errors import StepdistillError
+
+USAGE = """usage: stepdistill <command> [key=value ...]
+
+commands:
+  teacher train dataset=toy2d|digits output_dir=DIR [data.*=...]   train a teacher
+  teacher eval  dataset=toy2d|digits output_dir=DIR [steps=[1,2,4]] teacher metrics vs steps
+  demo          output_dir=DIR                                      the embedded demo
+"""
+
+
+def _teacher_train(overrides: Sequence[str]) -> None:
+    from stepdistill.commands import teacher
+    from stepdistill.config import compose
+
+    teacher.train(compose("teacher", overrides))
+
+
+def _teacher_eval(overrides: Sequence[str]) -> None:
+    from stepdistill.commands import teacher
+    from stepdistill.config import compose
+
+    teacher.evaluate(compose("teacher", overrides))
+
+
+def _demo(overrides: Sequence[str]) -> None:
+    from stepdistill.commands import demo
+
+    demo.run(overrides)
+
+
+COMMANDS: dict[tuple[str, ...], Callable[[Sequence[str]], None]] = {
+    ("teacher", "train"): _teacher_train,
+    ("teacher", "eval"): _teacher_eval,
+    ("demo",): _demo,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if args else 2
+    words = [a for a in args if "=" not in a]
+    overrides = [a for a in args if "=" in a]
+    command = COMMANDS.get(tuple(words))
+    if command is None:
+        print(f"stepdistill: error: unknown command {' '.join(words)!r}; commands: "
+              f"{', '.join(' '.join(k) for k in COMMANDS)}", file=sys.stderr)
+        return 2
+    try:
+        command(overrides)
+    except StepdistillError as e:
+        print(f"stepdistill: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("stepdistill: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,109 @@
+"""Evaluation tasks: what a dataset needs to be trained on, sampled and measured.
+
+A task wraps a dataset object (``ToyMixture``, ``DigitsData``) and gives the commands one surface:
+training batches, the labels to generate for, the metrics, a reference row and a picture of samples.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from stepdistill.data.digits import DigitsData
+from stepdistill.data.toy2d import ToyMixture
+
+
+class Toy2DTask:
+    """toy2d: metrics against fresh samples of the true mixture (swd, mmd, coverage, accuracy).
+
+    Args:
+        data: the mixture.
+        num_eval: samples per evaluation (swd has a noise floor: use thousands).
+        seed: seed of the evaluation labels and reference sets.
+    """
+
+    name = "toy2d"
+    primary_metric = "swd"
+
+    def __init__(self, data: ToyMixture, num_eval: int = 4000, seed: int = 0) -> None:
+        self.data, self.num_eval, self.seed = data, int(num_eval), int(seed)
+
+    @property
+    def null_class(self) -> int:
+        return self.data.null_class
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return (2,)
+
+    def batch(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        x, labels, _ = self.data.sample(n, generator)
+        return x, labels
+
+    def eval_labels(self, n: int | None = None) -> Tensor:
+        g = torch.Generator().manual_seed(self.seed)
+        return self.data.sample(self.num_eval if n is None else n, g)[1]
+
+    def metrics(self, samples: Tensor, labels: Tensor) -> dict[str, float]:
+        from stepdistill.eval.toy_metrics import toy_metrics
+
+        return toy_metrics(samples, labels, self.data, torch.Generator().manual_seed(self.seed + 1))
+
+    def reference(self, labels: Tensor) -> dict[str, float] | None:
+        from stepdistill.eval.toy_metrics import reference_metrics
+
+        return reference_metrics(self.data, len(labels), labels, torch.Generator().manual_seed(self.seed + 2))
+
+    def save_samples_figure(self, rows: dict[str, Tensor], labels: Tensor, path: Path) -> None:
+        from stepdistill.eval.report import scatter_panels
+
+        scatter_panels(rows, labels, path, centers=self.data.centers)
+
+
+class DigitsTask:
+    """digits: FID in the shipped classifier's feature space against all 1,797 digits, and accuracy.
+
+    Args:
+        data: the digits.
+        num_eval: generated samples per evaluation (default: as many as real digits).
+        seed: seed of the evaluation labels.
+    """
+
+    name = "digits"
+    primary_metric = "fid"
+
+    def __init__(self, data: DigitsData, num_eval: int = 1797, seed: int = 0) -> None:
+        self.data, self.num_eval, self.seed = data, int(num_eval), int(seed)
+
+    @property
+    def null_class(self) -> int:
+        return self.data.num_classes
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return (1, 8, 8)
+
+    def batch(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        return self.data.sample(n, generator)
+
+    def eval_labels(self, n: int | None = None) -> Tensor:
+        """The real digits' labels (a fixed permutation of them, cycled), so class frequencies match."""
+        n = self.num_eval if n is None else n
+        g = torch.Generator().manual_seed(self.seed)
+        labels = self.data.labels[torch.randperm(len(self.data), generator=g)]
+        return labels.repeat((n + len(labels) - 1) // len(labels))[:n]
+
+    def metrics(self, samples: Tensor, labels: Tensor) -> dict[str, float]:
+        from stepdistill.eval.fid import digits_metrics
+
+        return digits_metrics(samples, labels)
+
+    def reference(self, labels: Tensor) -> dict[str, float] | None:
+        return None
+
+    def save_samples_figure(self, rows: dict[str, Tensor], labels: Tensor, path: Path) -> None:
+        from stepdistill.eval.report import image_grid
+
+        image_grid(rows, labels, path)
