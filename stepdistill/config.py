@@ -78,7 +78,8 @@ def instantiate(node: Any, **kwargs: Any) -> Any:
 
     Runtime objects (teacher, data, ...) are passed as keyword arguments, as the design asks.
     """
-    from hydra.utils import get_object, instantiate as hydra_instantiate
+    from hydra.utils import get_object
+    from hydra.utils import instantiate as hydra_instantiate
 
     target = node.get("_target_") if isinstance(node, DictConfig) else None
     if target is not None:
