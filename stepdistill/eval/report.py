@@ -39,6 +39,9 @@ def plot_metric_vs_nfe(curves: dict[str, tuple[Sequence[float], Sequence[float]]
     if reference is not None:
         ax.axhline(reference, color="grey", linestyle="--", label="reference (true vs true)")
     ax.set_xscale("log")
+    values = [v for _, vs in curves.values() for v in vs]
+    if min(values) > 0 and max(values) / min(values) > 20:
+        ax.set_yscale("log")  # FID spans orders of magnitude between 1 and 50 steps
     ax.set_xlabel("NFE per sample")
     ax.set_ylabel(metric)
     ax.set_title(title)
