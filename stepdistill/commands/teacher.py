@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from stepdistill.config import instantiate, to_container
-from stepdistill.denoisers.loading import ADAPTERS, MODEL_SUBFOLDERS, _import, load_denoiser
+from stepdistill.denoisers.loading import ADAPTERS, _import, load_denoiser, model_subfolder
 from stepdistill.errors import StepdistillError
 from stepdistill.eval.report import markdown_table, plot_losses, plot_metric_vs_nfe
 from stepdistill.roles import Teacher
@@ -41,14 +41,14 @@ def train(cfg: DictConfig) -> Path:
     backbone = instantiate(cfg.model)
     scheduler = instantiate(cfg.scheduler)
     schedule = NoiseSchedule.from_diffusers(scheduler)
-    subfolder, adapter = _adapter_for(backbone)
+    adapter = _adapter_for(backbone)
     denoiser = adapter(backbone, schedule, schedule.prediction)
     losses: list[float] = []
     start = time.perf_counter()
     ema = train_teacher(denoiser, task.batch, task.null_class, instantiate(cfg.train),
                         on_step=lambda _step, loss: losses.append(loss))
     wall = time.perf_counter() - start
-    ema.backbone.save_pretrained(out / subfolder)
+    ema.backbone.save_pretrained(out / model_subfolder(ema.backbone))
     scheduler.save_pretrained(out / "scheduler")
     (out / "training.json").write_text(json.dumps(
         {"dataset": task.name, "steps": len(losses), "wall_s": round(wall, 1),
@@ -63,9 +63,7 @@ def _adapter_for(backbone: torch.nn.Module):
     name = type(backbone).__name__
     if name not in ADAPTERS:
         raise StepdistillError(f"no denoiser adapter for {name}; supported: {', '.join(ADAPTERS)}")
-    subfolder = "denoiser" if name == "ToyMLP" else ("unet" if "UNet" in name else "transformer")
-    assert subfolder in MODEL_SUBFOLDERS
-    return subfolder, _import(ADAPTERS[name][1])
+    return _import(ADAPTERS[name][1])
 
 
 @torch.no_grad()

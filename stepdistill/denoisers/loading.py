@@ -69,8 +69,18 @@ def find_scheduler_config(root: Path, model_dir: Path) -> Path:
 def load_schedule(path: str | Path) -> NoiseSchedule:
     """The NoiseSchedule of a local teacher directory, from its diffusers scheduler config."""
     root = resolve_local_dir(path)
+    return schedule_from_config(read_scheduler_config(root))
+
+
+def read_scheduler_config(root: Path) -> dict:
     config_file = find_scheduler_config(root, find_model_dir(root))
-    config = json.loads(config_file.read_text())
+    try:
+        return json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise StepdistillError(f"unreadable scheduler config {str(config_file)!r}: {e}") from None
+
+
+def schedule_from_config(config: dict) -> NoiseSchedule:
     import diffusers
 
     cls = getattr(diffusers, config.get("_class_name", ""), None)
@@ -104,5 +114,30 @@ def load_denoiser(path: str | Path, *, dtype: torch.dtype | None = None) -> Deno
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise StepdistillError(f"could not load weights from {str(model_dir)!r} (corrupt or "
                                f"incomplete checkpoint?): {first}") from None
-    schedule = load_schedule(root)
-    return _import(adapter)(backbone, schedule, schedule.prediction)
+    scheduler_config = read_scheduler_config(root)
+    schedule = schedule_from_config(scheduler_config)
+    denoiser = _import(adapter)(backbone, schedule, schedule.prediction)
+    denoiser.scheduler_config = scheduler_config
+    return denoiser
+
+
+def model_subfolder(backbone: torch.nn.Module) -> str:
+    """Where a backbone lives in a pipeline-style directory: unet/, transformer/ or denoiser/."""
+    name = type(backbone).__name__
+    if "UNet" in name:
+        return "unet"
+    return "transformer" if "Transformer" in name else "denoiser"
+
+
+def save_denoiser(denoiser: Denoiser, directory: str | Path) -> Path:
+    """Write ``denoiser`` as a directory ``load_denoiser`` (and diffusers) read back: the backbone
+    under unet/ | transformer/ | denoiser/ (safetensors) and scheduler/scheduler_config.json (the
+    teacher's own scheduler config when known)."""
+    out = Path(directory)
+    backbone = denoiser.backbone
+    backbone = getattr(backbone, "module", backbone)
+    backbone.save_pretrained(out / model_subfolder(backbone))
+    config = getattr(denoiser, "scheduler_config", None) or denoiser.schedule.to_diffusers_config()
+    (out / "scheduler").mkdir(parents=True, exist_ok=True)
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(config, indent=2))
+    return out

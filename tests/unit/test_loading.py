@@ -62,3 +62,13 @@ def test_unsupported_backbone_and_empty_dir(tmp_path):
     (tmp_path / "config.json").write_text('{"_class_name": "VQModel"}')
     with pytest.raises(StepdistillError, match="unsupported backbone 'VQModel'"):
         load_denoiser(tmp_path)
+
+
+def test_save_denoiser_round_trips_with_the_teachers_scheduler(teacher_dir, tmp_path):
+    from stepdistill.denoisers.loading import save_denoiser
+
+    original = load_denoiser(teacher_dir)
+    save_denoiser(original, tmp_path / "copy")
+    again = load_denoiser(tmp_path / "copy")
+    assert again.scheduler_config == original.scheduler_config
+    torch.testing.assert_close(_out(again), _out(original))
