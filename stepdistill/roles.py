@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from stepdistill.conditioning import Conditioning
 from stepdistill.denoisers.base import Denoiser
 from stepdistill.guidance import guided_predict
+from stepdistill.heads import DiscriminatorHead
 from stepdistill.sampling import ode_sample, renoise_sample
 from stepdistill.schedules import NoiseSchedule, Prediction
 
@@ -98,15 +99,38 @@ class Generator(nn.Module):
 
 
 class Critic(nn.Module):
-    """The fake-score denoiser, initialised from the teacher's denoiser (a trainable copy)."""
+    """The fake-score denoiser (a trainable copy of the teacher's) with an optional GAN head.
 
-    def __init__(self, denoiser: Denoiser, copy: bool = True) -> None:
+    Args:
+        denoiser: initial network (deep-copied unless ``copy=False``).
+        head: add a ``DiscriminatorHead`` on the denoiser's default features (DMD2's GAN).
+        head_width: the head's hidden width (default: the feature width).
+    """
+
+    def __init__(self, denoiser: Denoiser, head: bool = False, head_width: int | None = None,
+                 copy: bool = True) -> None:
         super().__init__()
         self.denoiser = _trainable_copy(denoiser) if copy else denoiser
+        self.head = DiscriminatorHead(self.denoiser.feature_shape, head_width) if head else None
 
     def forward(self, x_t: Tensor, t: Tensor | float, cond: Conditioning, *,
-                out: Prediction = Prediction.X0) -> Tensor:
-        return self.denoiser(x_t, t, cond, out=out)
+                out: Prediction = Prediction.X0, logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """The fake score in ``out``; with ``logits=True`` also the head's logits [B] from the same
+        forward (features captured by a hook). Calls go through ``forward`` so DDP syncs them."""
+        if not logits:
+            return self.denoiser(x_t, t, cond, out=out)
+        if self.head is None:
+            raise ValueError("this critic has no discriminator head (build it with head=True)")
+        name = self.denoiser.default_feature_modules[0]
+        captured: list[Tensor] = []
+        module = dict(self.denoiser.backbone.named_modules())[name]
+        handle = module.register_forward_hook(
+            lambda _m, _i, o: captured.append(o[0] if isinstance(o, (tuple, list)) else o))
+        try:
+            pred = self.denoiser(x_t, t, cond, out=out)
+        finally:
+            handle.remove()
+        return pred, self.head(captured[0])
 
     def features(self, x_t: Tensor, t: Tensor | float, cond: Conditioning,
                  modules: list[str] | None = None) -> dict[str, Tensor]:

@@ -64,3 +64,15 @@ def renoise_sample(predict_x0: PredictX0, schedule: NoiseSchedule, noise: Tensor
             else torch.randn_like(x)
         x = schedule.add_noise(x0, fresh, grid[i + 1].expand(x.shape[0]).to(x.device))
     return x
+
+
+@torch.no_grad()
+def simulate_to_step(predict_x0: PredictX0, schedule: NoiseSchedule, noise: Tensor, grid: Tensor,
+                     k: int) -> Tensor:
+    """Backward simulation (DMD2 Sec. 4.5): the state at the start of step ``k`` of a few-step
+    generator, reached from ``noise`` by running steps 0..k-1 without grad and re-noising."""
+    x = noise
+    for i in range(k):
+        x0 = predict_x0(x, grid[i].expand(x.shape[0]).to(x.device))
+        x = schedule.add_noise(x0, torch.randn_like(x0), grid[i + 1].expand(x.shape[0]).to(x.device))
+    return x

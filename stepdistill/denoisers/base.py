@@ -38,6 +38,16 @@ class Denoiser(nn.Module):
         """The backbone's own output for continuous times ``t`` [B]."""
         raise NotImplementedError
 
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape of one sample (no batch dim), e.g. (4, 64, 64) for SD1.5 latents, (2,) for toy2d."""
+        raise NotImplementedError(f"{type(self).__name__} does not know its sample shape")
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        """Shape of one sample's default feature (``features()[default_feature_modules[0]]``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not know its feature shape")
+
     def model_time(self, t: Tensor, x_t: Tensor) -> Tensor:
         """Continuous ``t`` (scalar or [B]) as the backbone's float timestep [B] on x_t's device."""
         t = torch.as_tensor(t, device=x_t.device)

@@ -17,6 +17,14 @@ class UNet2DDenoiser(Denoiser):
 
     default_feature_modules = ("mid_block",)
 
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return _unet_sample_shape(self.backbone.config)
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        return _unet_mid_shape(self.backbone.config)
+
     def raw(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         return self.backbone(x_t, self.model_time(t, x_t), class_labels=cond.class_labels).sample
 
@@ -30,6 +38,14 @@ class UNet2DConditionDenoiser(Denoiser):
     """
 
     default_feature_modules = ("mid_block",)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return _unet_sample_shape(self.backbone.config)
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        return _unet_mid_shape(self.backbone.config)
 
     @property
     def uses_text_time(self) -> bool:
@@ -61,9 +77,33 @@ class SD3Denoiser(Denoiser):
         super().__init__(backbone, schedule, prediction)
         self.default_feature_modules = (f"transformer_blocks.{len(backbone.transformer_blocks) // 2}.norm1",)
 
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return _unet_sample_shape(self.backbone.config)
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        c = self.backbone.config
+        tokens = (c.sample_size // c.patch_size) ** 2
+        return (tokens, c.num_attention_heads * c.attention_head_dim)
+
     def raw(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         if cond.prompt_embeds is None or cond.pooled_embeds is None:
             raise ValueError("SD3Denoiser needs cond.prompt_embeds [B, L, D] and cond.pooled_embeds [B, P]")
         return self.backbone(hidden_states=x_t, timestep=self.model_time(t, x_t),
                              encoder_hidden_states=cond.prompt_embeds.to(x_t.dtype),
                              pooled_projections=cond.pooled_embeds.to(x_t.dtype)).sample
+
+
+def _size(value) -> int:
+    return int(value[0] if isinstance(value, (list, tuple)) else value)
+
+
+def _unet_sample_shape(config) -> tuple[int, ...]:
+    return (int(config.in_channels), _size(config.sample_size), _size(config.sample_size))
+
+
+def _unet_mid_shape(config) -> tuple[int, ...]:
+    """[C, h, w] of a diffusers UNet's mid block: the last width, downsampled once per level but the last."""
+    side = _size(config.sample_size) // 2 ** (len(config.block_out_channels) - 1)
+    return (int(config.block_out_channels[-1]), side, side)

@@ -116,5 +116,13 @@ class ToyDenoiser(Denoiser):
         super().__init__(backbone, schedule, prediction)
         self.default_feature_modules = (f"blocks.{len(backbone.blocks) - 1}",)
 
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return (int(self.backbone.config.data_dim),)
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        return (int(self.backbone.config.hidden),)
+
     def raw(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         return self.backbone(x_t, self.model_time(t, x_t), class_labels=cond.class_labels).sample

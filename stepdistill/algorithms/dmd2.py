@@ -1,0 +1,139 @@
+"""DMD2: Improved Distribution Matching Distillation (Yin et al., NeurIPS 2024).
+
+Two phases on a two time-scale schedule (Sec. 4.2): the critic (fake-score denoiser, plus the GAN
+head when enabled) learns the generator's current distribution by denoising its samples; the
+generator follows the distribution-matching gradient (teacher score vs critic score at noised
+samples, Eq. 2 / DMD Eq. 7) plus an optional non-saturating GAN term (Sec. 4.3). Multi-step
+generators train with backward simulation (Sec. 4.5): per step draw k (the same on every process),
+run k generator steps without grad, train on step k.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from stepdistill.algorithms.base import Algorithm, Batch, LossOutput, unwrap
+from stepdistill.conditioning import Conditioning
+from stepdistill.errors import StepdistillError
+from stepdistill.losses import (
+    denoising_loss,
+    distribution_matching_loss,
+    gan_discriminator_loss,
+    gan_generator_loss,
+)
+from stepdistill.roles import Critic, Generator, Teacher
+from stepdistill.sampling import simulate_to_step
+
+
+class DMD2(Algorithm):
+    """DMD2 over any teacher / generator / critic.
+
+    Args:
+        teacher: frozen teacher; its CFG scale is ``guidance_scale`` (s_real; 1 = none).
+        generator: the 1..K-step student.
+        critic: the fake-score network (with a head when the GAN terms are on).
+        guidance_scale: teacher CFG scale for the real score (None: the teacher's default).
+        critic_updates_per_generator_update: the two time-scale ratio (5 in the paper; 10 for SD1.5).
+        t_min, t_max: range of the noise level for the distribution-matching loss (0.02, 0.98).
+        gan_generator_weight: weight of softplus(-D(fake)) in the generator loss (0 = off).
+        gan_critic_weight: weight of the discriminator loss in the critic phase (0 = off).
+        seed: seed of the choices shared by all processes (backward-simulation k).
+    """
+
+    phases = ("critic", "generator")
+
+    def __init__(self, teacher: Teacher, generator: Generator, critic: Critic, *,
+                 guidance_scale: float | None = None, critic_updates_per_generator_update: int = 5,
+                 t_min: float = 0.02, t_max: float = 0.98, gan_generator_weight: float = 0.0,
+                 gan_critic_weight: float = 0.0, seed: int = 0) -> None:
+        super().__init__(teacher, generator, seed)
+        self.critic = critic
+        self.guidance_scale = teacher.guidance_scale if guidance_scale is None else float(guidance_scale)
+        self.ratio = int(critic_updates_per_generator_update)
+        self.t_min, self.t_max = float(t_min), float(t_max)
+        self.gan_generator_weight = float(gan_generator_weight)
+        self.gan_critic_weight = float(gan_critic_weight)
+        if self.ratio < 1:
+            raise StepdistillError("algorithm.critic_updates_per_generator_update must be >= 1")
+        if (self.gan_generator_weight > 0 or self.gan_critic_weight > 0) and critic.head is None:
+            raise StepdistillError("the GAN terms need a discriminator head: set critic.head=true "
+                                   "(or algorithm.gan_generator_weight=0 and gan_critic_weight=0)")
+
+    # ----------------------------------------------------------------- phases
+    def phase(self, step: int) -> str:
+        """``ratio`` critic steps, then one generator step (DMD2's two time-scale update rule)."""
+        return "generator" if step % (self.ratio + 1) == self.ratio else "critic"
+
+    def trainable(self, phase: str) -> list[nn.Module]:
+        return {"critic": [self.critic], "generator": [self.generator]}[phase]
+
+    def loss(self, phase: str, batch: Batch, step: int) -> LossOutput:
+        if phase == "generator":
+            return self._generator_loss(batch, step)
+        if phase == "critic":
+            return self._critic_loss(batch, step)
+        raise ValueError(f"unknown phase {phase!r}; DMD2 phases: {self.phases}")
+
+    # ----------------------------------------------------------------- generator phase
+    def _generator_loss(self, batch: Batch, step: int) -> LossOutput:
+        x = self.student_sample(batch.cond, step, grad=True)
+        schedule = self.teacher.schedule
+        t = schedule.sample_time(len(x), device=x.device, t_min=self.t_min, t_max=self.t_max)
+        x_t = schedule.add_noise(x.detach(), torch.randn_like(x), t)
+        with torch.no_grad():
+            x0_real = self.teacher.predict(x_t, t, batch.cond, guidance_scale=self.guidance_scale)
+            x0_fake = self.critic(x_t, t, batch.cond)
+        dm = distribution_matching_loss(x, x0_real, x0_fake).mean()
+        logs: dict[str, float | Tensor] = {"dm_loss": dm.detach()}
+        loss = dm
+        if self.gan_generator_weight > 0:
+            _, logits = self.critic(*self._noised(x, batch.cond), logits=True)
+            gan = gan_generator_loss(logits).mean()
+            loss = loss + self.gan_generator_weight * gan
+            logs["gan_generator_loss"] = gan.detach()
+        return LossOutput(loss, logs)
+
+    # ----------------------------------------------------------------- critic phase
+    def _critic_loss(self, batch: Batch, step: int) -> LossOutput:
+        x = self.student_sample(batch.cond, step, grad=False)
+        schedule = self.teacher.schedule
+        eps = torch.randn_like(x)
+        t = schedule.sample_time(len(x), device=x.device)
+        x_t = schedule.add_noise(x, eps, t)
+        native = unwrap(self.critic).denoiser.prediction
+        want_logits = self.gan_critic_weight > 0
+        out = self.critic(x_t, t, batch.cond, out=native, logits=want_logits)
+        pred, logits_fake = out if want_logits else (out, None)
+        denoise = denoising_loss(pred, schedule.target(x, eps, t, native)).mean()
+        logs: dict[str, float | Tensor] = {"critic_denoising_loss": denoise.detach()}
+        loss = denoise
+        if want_logits:
+            if batch.x0 is None:
+                raise StepdistillError("the GAN critic term needs real data: this task gives none")
+            _, logits_real = self.critic(*self._noised(batch.x0.to(x), batch.cond), logits=True)
+            gan = gan_discriminator_loss(logits_real, logits_fake).mean()
+            loss = loss + self.gan_critic_weight * gan
+            logs.update(gan_critic_loss=gan.detach(), logit_real=logits_real.mean().detach(),
+                        logit_fake=logits_fake.mean().detach())
+        return LossOutput(loss, logs)
+
+    # ----------------------------------------------------------------- helpers
+    def _noised(self, x: Tensor, cond: Conditioning) -> tuple[Tensor, Tensor, Conditioning]:
+        """(x_t, t, cond) at a fresh noise level over the full range (the GAN's inputs)."""
+        t = self.teacher.schedule.sample_time(len(x), device=x.device)
+        return self.teacher.schedule.add_noise(x, torch.randn_like(x), t), t, cond
+
+    def student_sample(self, cond: Conditioning, step: int, *, grad: bool) -> Tensor:
+        """Generator output x0 [B, ...] for ``cond``; K-step students use backward simulation."""
+        gen = unwrap(self.generator)
+        grid = gen.grid()
+        k = 0
+        if len(grid) > 1:
+            k = int(torch.randint(len(grid), (1,), generator=self.shared_generator(step)))
+        device = next(gen.parameters()).device
+        noise = torch.randn(len(cond), *gen.denoiser.sample_shape, device=device)
+        x_k = simulate_to_step(lambda x, t: gen(x, t, cond), gen.schedule, noise, grid, k)
+        t_k = grid[k].expand(len(cond)).to(device)
+        with torch.set_grad_enabled(grad):
+            return self.generator(x_k, t_k, cond)

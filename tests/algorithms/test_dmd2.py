@@ -1,0 +1,106 @@
+"""DMD2: the distribution-matching gradient, GAN signs, phase schedule, and who gets gradients."""
+
+import pytest
+import torch
+
+from stepdistill.algorithms.base import Batch
+from stepdistill.algorithms.dmd2 import DMD2
+from stepdistill.conditioning import Conditioning
+from stepdistill.denoisers.diffusers import UNet2DDenoiser
+from stepdistill.errors import StepdistillError
+from stepdistill.losses import distribution_matching_loss, gan_discriminator_loss, gan_generator_loss
+from stepdistill.roles import Critic, Generator, Teacher
+from stepdistill.schedules import NoiseSchedule, Prediction
+from stepdistill.teachers import build_digits_unet
+
+
+def test_dm_loss_gradient_is_the_normalised_score_difference():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 1, 4, 4, generator=g, requires_grad=True)
+    real, fake = torch.randn(3, 1, 4, 4, generator=g), torch.randn(3, 1, 4, 4, generator=g)
+    distribution_matching_loss(x, real, fake).sum().backward()
+    norm = (x.detach() - real).abs().mean(dim=(1, 2, 3), keepdim=True)
+    torch.testing.assert_close(x.grad, (fake - real) / norm / 16)  # d/dx of 0.5 mean_CHW(g^2) = g / CHW
+
+
+def test_dm_loss_weight_scales_each_sample_and_nan_is_zeroed():
+    x = torch.ones(2, 4, requires_grad=True)
+    real, fake = torch.zeros(2, 4), torch.full((2, 4), 2.0)
+    distribution_matching_loss(x, real, fake, weight=torch.tensor([1.0, 3.0])).sum().backward()
+    torch.testing.assert_close(x.grad, torch.tensor([[0.5] * 4, [1.5] * 4]))  # (2 / 1) * w / 4
+    x2 = torch.zeros(1, 4, requires_grad=True)
+    distribution_matching_loss(x2, torch.zeros(1, 4), torch.full((1, 4), float("nan"))).sum().backward()
+    assert torch.isfinite(x2.grad).all()
+
+
+def test_gan_losses_have_the_right_signs():
+    logits = torch.tensor([-2.0, 0.0, 2.0])
+    assert (gan_generator_loss(logits).diff() < 0).all()  # the generator wants D(fake) high
+    lo, hi = torch.tensor([-3.0]), torch.tensor([3.0])
+    assert gan_discriminator_loss(hi, lo) < gan_discriminator_loss(lo, hi)  # D wants real high, fake low
+    torch.testing.assert_close(gan_discriminator_loss(torch.zeros(1), torch.zeros(1)),
+                               2 * torch.log(torch.tensor([2.0])))
+
+
+@pytest.fixture()
+def parts():
+    torch.manual_seed(0)
+    unet = build_digits_unet((8, 16), 1, num_classes=3, norm_groups=4)
+    teacher = Teacher(UNet2DDenoiser(unet, NoiseSchedule.vp("linear", 1000, 1e-4, 0.02), Prediction.EPS),
+                      guidance_scale=2.0)
+    return teacher, Generator(teacher.denoiser, steps=4), Critic(teacher.denoiser, head=True)
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    return Batch(Conditioning.labels(torch.tensor([0, 1, 2, 0]), 3), torch.randn(4, 1, 8, 8, generator=g))
+
+
+def test_phase_schedule_is_the_two_time_scale_ratio(parts):
+    algo = DMD2(*parts, critic_updates_per_generator_update=3)
+    assert [algo.phase(s) for s in range(8)] == ["critic"] * 3 + ["generator"] + ["critic"] * 3 + ["generator"]
+
+
+@pytest.mark.parametrize("phase", ["critic", "generator"])
+def test_only_the_running_phase_gets_gradients(parts, phase):
+    teacher, generator, critic = parts
+    algo = DMD2(teacher, generator, critic, gan_generator_weight=1e-3, gan_critic_weight=1e-2)
+    for module in (generator, critic):
+        module.requires_grad_(module in algo.trainable(phase))
+    out = algo.loss(phase, _batch(), step=0)
+    out.loss.backward()
+    trained, frozen = (critic, generator) if phase == "critic" else (generator, critic)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trained.parameters())
+    assert all(p.grad is None for p in frozen.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+    if phase == "critic":  # the GAN head trains with the critic
+        assert all(p.grad is not None for p in critic.head.parameters())
+        assert {"critic_denoising_loss", "gan_critic_loss"} <= set(out.logs)
+    else:
+        assert {"dm_loss", "gan_generator_loss"} <= set(out.logs)
+
+
+def test_backward_simulation_draws_the_same_k_for_a_step(parts):
+    algo = DMD2(*parts, seed=7)
+    ks = [int(torch.randint(4, (1,), generator=algo.shared_generator(s))) for s in range(40)]
+    again = [int(torch.randint(4, (1,), generator=algo.shared_generator(s))) for s in range(40)]
+    assert ks == again and set(ks) == {0, 1, 2, 3}
+
+
+def test_dm_gradient_vanishes_when_the_critic_equals_the_teacher(parts):
+    """Fake score == real score (critic = unguided teacher copy, s_real = 1): the generator gets
+    exactly zero gradient; with CFG (s_real = 2) it does not."""
+    teacher, _, _ = parts
+    generator = Generator(teacher.denoiser, steps=1)
+    critic = Critic(teacher.denoiser).requires_grad_(False)
+    for scale, expect_zero in ((1.0, True), (2.0, False)):
+        generator.zero_grad(set_to_none=False)
+        DMD2(teacher, generator, critic, guidance_scale=scale).loss("generator", _batch(), 0).loss.backward()
+        total = sum(float(p.grad.abs().sum()) for p in generator.parameters())
+        assert (total == 0.0) == expect_zero, (scale, total)
+
+
+def test_gan_weights_need_a_head(parts):
+    teacher, generator, _ = parts
+    with pytest.raises(StepdistillError, match="critic.head=true"):
+        DMD2(teacher, generator, Critic(teacher.denoiser), gan_generator_weight=1e-3)
