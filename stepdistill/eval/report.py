@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -31,7 +31,7 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
 def plot_metric_vs_nfe(curves: dict[str, tuple[Sequence[float], Sequence[float]]], metric: str,
                        path: Path, reference: float | None = None, title: str = "") -> None:
     """One line per curve (name -> (nfe, values)), log-x, an optional reference level."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for name, (nfe, values) in curves.items():
         style = "o-" if len(nfe) > 1 else "*"
@@ -55,7 +55,7 @@ def plot_metric_vs_nfe(curves: dict[str, tuple[Sequence[float], Sequence[float]]
 def image_grid(rows: dict[str, Tensor], labels: Tensor, path: Path, per_row: int = 10) -> None:
     """A grid of [N, 1, H, W] images in [-1, 1]: one row per entry of ``rows``, first sample of
     each of the first ``per_row`` classes (or the first samples when classes repeat less)."""
-    plt = _pyplot()
+    plt = pyplot()
     picks = _first_of_each_class(labels, per_row)
     fig, axes = plt.subplots(len(rows), len(picks), figsize=(len(picks) * 0.8, len(rows) * 0.9),
                              squeeze=False)
@@ -77,7 +77,7 @@ def image_grid(rows: dict[str, Tensor], labels: Tensor, path: Path, per_row: int
 def scatter_panels(rows: dict[str, Tensor], labels: Tensor, path: Path, centers: Tensor | None = None,
                    max_points: int = 2000) -> None:
     """One scatter panel of 2-D samples per entry of ``rows``, coloured by class."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(rows), figsize=(2.6 * len(rows), 2.8), squeeze=False)
     for ax, (name, x) in zip(axes[0], rows.items(), strict=True):
         x = x[:max_points].float().cpu()
@@ -95,7 +95,7 @@ def scatter_panels(rows: dict[str, Tensor], labels: Tensor, path: Path, centers:
 
 def plot_losses(losses: Sequence[float], path: Path, title: str = "training loss", smooth: int = 50) -> None:
     """The raw loss (faint) and its running mean."""
-    plt = _pyplot()
+    plt = pyplot()
     y = torch.tensor(list(losses), dtype=torch.float64)
     fig, ax = plt.subplots(figsize=(5.5, 3.2))
     ax.plot(y.numpy(), alpha=0.3, linewidth=0.7)

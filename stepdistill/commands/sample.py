@@ -1,0 +1,219 @@
+"""``stepdistill sample run=DIR [steps=K] [num_images=N] [seed=S] [out=DIR] ...``: a run's student samples.
+
+Writes ``<out>/NNNN.png`` (one image per sample), ``<out>/grid.png`` and ``<out>/samples.json`` (what
+was sampled: steps, seed, timesteps, labels or prompts); ``out`` defaults to ``<run>/samples``, next to
+the trainer's ``step-XXXXXX.png`` grids. A later call replaces its own files; other files are kept,
+and a name clash with one needs ``overwrite=true``.
+2-D toy students write ``samples.npy`` and a scatter plot as ``grid.png`` instead of PNG images.
+
+Sampling goes through ``stepdistill.pipelines.sample_student`` (the code path of ``FewStepPipeline``
+and evaluation), so ``seed=S`` gives the images ``FewStepPipeline`` (and an exported diffusers
+pipeline) gives for ``generator=torch.Generator().manual_seed(S)`` when all samples fit one batch.
+Conditions: class students cycle the classes (``labels=[...]`` to choose), text students need
+``prompt="..."`` (repeated) or ``prompts=FILE`` (one per line, cycled) unless the run config lists
+``prompts`` (top level or under ``data``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from stepdistill.conditioning import Conditioning
+from stepdistill.errors import StepdistillError
+
+MARKER = "samples.json"
+KEYS: dict[str, str] = {"run": "str", "steps": "int", "num_images": "int", "seed": "int", "out": "str",
+                        "overwrite": "bool", "batch_size": "int", "prompt": "str", "prompts": "str",
+                        "labels": "ints", "device": "str"}
+
+
+def parse_args(overrides: Sequence[str], keys: dict[str, str], command: str) -> dict[str, Any]:
+    """``key=value`` arguments typed by ``keys`` (str, int, bool, ints); a one-line error otherwise."""
+    args: dict[str, Any] = {}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key not in keys:
+            raise StepdistillError(f"unknown key {key!r} for `stepdistill {command}`; allowed: {', '.join(keys)}")
+        kind = keys[key]
+        try:
+            if kind == "int":
+                args[key] = int(value)
+            elif kind == "bool":
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                args[key] = value.lower() in ("true", "1", "yes")
+            elif kind == "ints":
+                args[key] = [int(v) for v in value.strip("[]").split(",") if v.strip()]
+            else:
+                args[key] = value
+        except ValueError:
+            raise StepdistillError(f"{key}={value!r} is not a valid {kind.rstrip('s')}"
+                                   f"{' list' if kind == 'ints' else ''}") from None
+    return args
+
+
+def run(overrides: Sequence[str]) -> Path:
+    """Sample a run's student into PNGs and a grid; returns the output directory."""
+    from stepdistill.pipelines.export import generator_timesteps
+    from stepdistill.pipelines.few_step import load_run, sample_student
+
+    args = parse_args(overrides, KEYS, "sample")
+    student = load_run(args.get("run"))
+    steps = int(args["steps"]) if "steps" in args else student.generator.steps
+    num = int(args.get("num_images", 16))
+    if steps < 1 or num < 1:
+        raise StepdistillError(f"steps and num_images must be >= 1; got steps={steps}, num_images={num}")
+    cond, meta = _conditioning(student, args, num)
+    out = Path(str(args.get("out") or student.path / "samples"))
+    names = [f"{i:04d}.png" for i in range(num)] + ["grid.png", "samples.npy", MARKER]
+    previous = _prepare(out, names, bool(args.get("overwrite", False)))
+    device = args.get("device", "cpu")
+    generator = student.generator.to(device)
+    x0 = sample_student(generator, cond, num, steps, int(args.get("seed", 0)), batch_size=args.get("batch_size"))
+    for name in previous:  # our files from an earlier call, only now that sampling worked
+        (out / name).unlink(missing_ok=True)
+    files = _write(out, x0, student, meta, device)
+    record = {"run": str(student.path), "steps": steps, "seed": int(args.get("seed", 0)), "num_images": num,
+              "timesteps": generator_timesteps(generator.schedule, steps, generator.t_max), **meta, "files": files}
+    (out / MARKER).write_text(json.dumps(record, indent=2) + "\n")
+    print(f"{num} samples ({steps} steps) written to {out}/ (grid.png)")
+    return out
+
+
+def _prepare(out: Path, names: list[str], overwrite: bool) -> list[str]:
+    """Check ``out``; returns the files an earlier ``sample`` wrote there (replaced after sampling).
+
+    Other files stay (the trainer's ``samples/step-XXXXXX.png``); a name clash with a file ``sample``
+    did not write needs ``overwrite=true``.
+    """
+    if out.exists() and not out.is_dir():
+        raise StepdistillError(f"out {str(out)!r} is a file; pass a directory")
+    previous: list[str] = []
+    if (out / MARKER).is_file():
+        try:
+            previous = [*json.loads((out / MARKER).read_text()).get("files", []), "grid.png", "samples.npy", MARKER]
+        except (OSError, json.JSONDecodeError):
+            previous = []
+    clash = [n for n in names if (out / n).exists() and n not in previous]
+    if clash and not overwrite:
+        shown = ", ".join(clash[:3]) + (", ..." if len(clash) > 3 else "")
+        raise StepdistillError(f"out directory {str(out)!r} already holds {shown} (not written by `stepdistill "
+                               "sample`); choose another out= or pass overwrite=true")
+    out.mkdir(parents=True, exist_ok=True)
+    return [n for n in previous if n != MARKER]
+
+
+def _conditioning(student, args: dict, num: int) -> tuple[Conditioning, dict]:
+    config = student.generator.denoiser.backbone.config
+    name = type(student.generator.denoiser.backbone).__name__
+    if name in ("UNet2DConditionModel", "SD3Transformer2DModel"):
+        prompts = _prompts(student, args, num)
+        from stepdistill.data.prompts import PromptEncoder
+
+        encoder = PromptEncoder.from_pretrained(_teacher_dir(student))
+        return encoder.encode(prompts), {"prompts": prompts}
+    classes = _num_classes(config)
+    if classes:
+        labels = args.get("labels") or list(range(classes))
+        bad = [v for v in labels if not 0 <= v < classes]
+        if bad:
+            raise StepdistillError(f"labels {bad} out of range: the student has classes 0..{classes - 1}")
+        labels = [labels[i % len(labels)] for i in range(num)]
+        return Conditioning(class_labels=torch.tensor(labels), null_class=classes), {"labels": labels}
+    return Conditioning.none(num), {}
+
+
+def _num_classes(config) -> int:
+    """Real classes of a class-conditional backbone (the last embedding is the null class), else 0."""
+    if config.get("num_classes"):  # ToyMLP
+        return int(config["num_classes"])
+    if config.get("num_class_embeds"):  # UNet2DModel, null class last (stepdistill.teachers)
+        return int(config["num_class_embeds"]) - 1
+    return 0
+
+
+def _prompts(student, args: dict, num: int) -> list[str]:
+    if args.get("prompt"):
+        prompts = [args["prompt"]]
+    elif args.get("prompts"):
+        path = Path(args["prompts"])
+        if not path.is_file():
+            raise StepdistillError(f"prompts file not found: {str(path)!r} (one prompt per line)")
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    else:
+        config = student.config
+        listed = config.get("prompts") or (config.get("data") or {}).get("prompts")
+        prompts = [str(p) for p in listed] if listed else []
+    if not prompts:
+        raise StepdistillError("a text-to-image student needs prompts: pass prompt=\"...\" or prompts=FILE")
+    return [prompts[i % len(prompts)] for i in range(num)]
+
+
+def _teacher_dir(student) -> Path:
+    path = student.teacher_path
+    if path is None or not path.is_dir():
+        raise StepdistillError(f"the run's teacher.path ({str(path)!r}) is not a directory: its VAE and text "
+                               "encoders are needed to sample a text-to-image student")
+    return path
+
+
+def _write(out: Path, x0: Tensor, student, meta: dict, device: str) -> list[str]:
+    import numpy as np
+
+    if x0.dim() != 4:  # points (toy2d): an array and a scatter plot
+        from stepdistill.eval.report import scatter_panels
+
+        labels = torch.tensor(meta.get("labels", [0] * len(x0)))
+        np.save(out / "samples.npy", x0.float().cpu().numpy())
+        scatter_panels({f"{len(x0)} samples": x0.float().cpu()}, labels, out / "grid.png")
+        return ["samples.npy"]
+    if "prompts" in meta:
+        from diffusers import AutoencoderKL
+
+        from stepdistill.pipelines.few_step import decode_latents
+
+        vae = AutoencoderKL.from_pretrained(str(_teacher_dir(student) / "vae")).to(device)
+        with torch.no_grad():
+            images = decode_latents(vae, x0)
+    else:
+        from stepdistill.pipelines.few_step import pixels_to_unit
+
+        images = pixels_to_unit(x0)
+    arrays = (images.float().cpu().permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
+    files = []
+    for i, array in enumerate(arrays):
+        files.append(f"{i:04d}.png")
+        _save_png(array, out / files[-1])
+    columns = len(set(meta["labels"])) if "labels" in meta and len(set(meta["labels"])) <= 16 \
+        else math.ceil(math.sqrt(len(arrays)))
+    _save_png(_tile(arrays, columns), out / "grid.png")
+    return files
+
+
+def _tile(arrays, columns: int, pad: int = 2):
+    """One image of [N, H, W, C] uint8 tiles, ``columns`` wide, upscaled (nearest) to >= 64 px per tile."""
+    import numpy as np
+
+    n, h, w, c = arrays.shape
+    scale = max(1, math.ceil(64 / max(h, w)))
+    tiles = arrays.repeat(scale, axis=1).repeat(scale, axis=2)
+    h, w = h * scale, w * scale
+    rows = math.ceil(n / columns)
+    grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for i, tile in enumerate(tiles):
+        r, col = divmod(i, columns)
+        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = tile
+    return grid
+
+
+def _save_png(array, path: Path) -> None:
+    from PIL import Image
+
+    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(path)

@@ -1,0 +1,129 @@
+"""Evaluate a distilled student against its teacher with the same code, samples and conditions.
+
+Writes ``<run>/metrics.json`` (the schema of issue 3) and ``<run>/report.md`` with pictures. The
+teacher's metrics (minutes on a CPU at 50 CFG steps) are cached under ``$STEPDISTILL_CACHE`` (default
+``~/.cache/stepdistill``) keyed by the teacher's weights, sampler settings, sample count, task and
+seed; its throughput is always measured afresh in this process, on the student's batch size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from stepdistill.conditioning import Conditioning
+from stepdistill.roles import Generator, Teacher
+
+Sampler = Callable[[Tensor, Conditioning], Tensor]  # (noise, cond) -> x0
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("STEPDISTILL_CACHE", Path.home() / ".cache" / "stepdistill"))
+
+
+def teacher_fingerprint(teacher: Teacher) -> str:
+    """A hash of the teacher's weights (so a retrained teacher never reuses a stale cache)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(teacher.denoiser.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def generate(sampler: Sampler, shape: Sequence[int], labels: Tensor, null_class: int, seed: int,
+             batch_size: int, device: torch.device | str = "cpu") -> Tensor:
+    """Samples for ``labels`` in batches; noise drawn once from ``seed`` (identical for every model)."""
+    noise = torch.randn(len(labels), *shape, generator=torch.Generator().manual_seed(seed))
+    out = [sampler(x.to(device), Conditioning.labels(y, null_class).to(device)).cpu()
+           for x, y in zip(noise.split(batch_size), labels.split(batch_size), strict=True)]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def throughput(sampler: Sampler, shape: Sequence[int], null_class: int, batch_size: int,
+               device: torch.device | str = "cpu", repeats: int = 3) -> float:
+    """Samples per second on one batch (best of ``repeats`` after a warm-up)."""
+    noise = torch.randn(batch_size, *shape, device=device)
+    cond = Conditioning.labels(torch.zeros(batch_size, dtype=torch.long), null_class).to(device)
+    sampler(noise, cond)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        sampler(noise, cond)
+        best = min(best, time.perf_counter() - start)
+    return batch_size / best
+
+
+def teacher_row(teacher: Teacher, task, labels: Tensor, steps: int, guidance_scale: float, seed: int,
+                batch_size: int) -> dict:
+    """The teacher's metrics at ``steps`` (from the cache when this exact evaluation ran before)."""
+    key_src = json.dumps({"teacher": teacher_fingerprint(teacher), "task": task.name, "n": len(labels),
+                          "labels": hashlib.sha256(labels.numpy().tobytes()).hexdigest()[:16],
+                          "steps": steps, "scale": guidance_scale, "seed": seed, "sampler": "ode-v1"})
+    path = cache_dir() / "teacher_eval" / (hashlib.sha256(key_src.encode()).hexdigest()[:24] + ".json")
+    if path.is_file():
+        metrics = json.loads(path.read_text())["metrics"]
+    else:
+        sampler = _teacher_sampler(teacher, steps, guidance_scale)
+        samples = generate(sampler, task.sample_shape, labels, task.null_class, seed, batch_size)
+        metrics = task.metrics(samples, labels)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": json.loads(key_src), "metrics": metrics}))
+        os.replace(tmp, path)
+    return {"steps": steps, "nfe": teacher.nfe(steps, guidance_scale), "guidance_scale": guidance_scale,
+            "metrics": metrics}
+
+
+def _teacher_sampler(teacher: Teacher, steps: int, guidance_scale: float) -> Sampler:
+    return lambda noise, cond: teacher.sample(noise, cond, steps, guidance_scale=guidance_scale)
+
+
+def student_samples(generator: Generator, labels: Tensor, null_class: int, steps: int, seed: int,
+                    batch_size: int) -> Tensor:
+    """The student's samples through the one sampling path the CLI, pipeline and export share."""
+    from stepdistill.pipelines import sample_student
+
+    cond = Conditioning.labels(labels, null_class).to(next(generator.parameters()).device)
+    return sample_student(generator, cond, len(labels), steps, seed, batch_size=batch_size).cpu()
+
+
+def evaluate_student(generator: Generator, teacher: Teacher, task, *, steps: int,
+                     teacher_steps: int = 50, teacher_curve: Sequence[int] = (1, 2, 4, 8, 16, 50),
+                     guidance_scale: float | None = None, num_samples: int | None = None,
+                     seed: int = 0, batch_size: int = 256, grid_size: int = 500) -> dict:
+    """Student and teacher metrics on the same labels, noise and metric code.
+
+    Returns:
+        {"student": row, "teacher": row, "teacher_curve": [rows], "reference": {...} | None,
+         "pictures": {name: samples [grid_size, ...]}, "picture_labels": labels [grid_size]}
+    """
+    scale = teacher.guidance_scale if guidance_scale is None else float(guidance_scale)
+    labels = task.eval_labels(num_samples)
+    generator = generator.eval()
+    start = time.perf_counter()
+    x_student = student_samples(generator, labels, task.null_class, steps, seed, batch_size)
+    wall = time.perf_counter() - start
+    student = lambda noise, cond: generator.sample(noise, cond, steps)  # noqa: E731 (throughput only)
+    s_row = {"steps": steps, "nfe": steps, "metrics": task.metrics(x_student, labels),
+             "samples_per_s": round(throughput(student, task.sample_shape, task.null_class, batch_size), 1),
+             "sampling_wall_s": round(wall, 2)}
+    teacher_sampler = _teacher_sampler(teacher, teacher_steps, scale)
+    t_row = teacher_row(teacher, task, labels, teacher_steps, scale, seed, batch_size)
+    t_row["samples_per_s"] = round(throughput(teacher_sampler, task.sample_shape, task.null_class,
+                                              batch_size, repeats=1), 1)
+    curve = [teacher_row(teacher, task, labels, k, scale, seed, batch_size) for k in teacher_curve]
+    shown = labels[:grid_size]  # the picture: teacher and student on the same noise and labels
+    pictures = {f"teacher {teacher_steps} steps": generate(teacher_sampler, task.sample_shape, shown,
+                                                           task.null_class, seed, batch_size),
+                f"student {steps} step{'s' if steps > 1 else ''}": x_student[:grid_size]}
+    return {"student": s_row, "teacher": t_row, "teacher_curve": curve, "reference": task.reference(labels),
+            "pictures": pictures, "picture_labels": shown}

@@ -1,0 +1,249 @@
+"""export_diffusers: a fresh Python process that never imports stepdistill reproduces our K-step samples.
+
+One subprocess (diffusers' import costs seconds) checks every export: SD1.5-like (through the CLI, from
+a run directory), SD1.5-like with v-prediction, SDXL-like, and a class-conditional UNet2DModel.
+Tolerances: decoded images (in [0, 1]) within ``IMAGE_ATOL``; latents / pixels within ``RAW_RTOL`` of
+their largest magnitude (x0 at t = 999 divides by sqrt(abar) ~ 0.07, so tiny random students give
+latents ~ 1e2; float32 vs our float64 conversion differ by ~1e-7 relative).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from pipeline_helpers import NUM_CLASSES, STEPS, make_run, perturbed
+
+from stepdistill.cli import main
+from stepdistill.denoisers.loading import load_denoiser
+from stepdistill.errors import StepdistillError
+from stepdistill.pipelines import (
+    FewStepPipeline,
+    export_diffusers,
+    few_step_scheduler,
+    lcm_timesteps,
+)
+from stepdistill.pipelines.export import generator_timesteps
+
+IMAGE_ATOL = 1e-4
+RAW_RTOL = 1e-5
+PROMPTS = ["a red circle", "the big blue star on a line"]
+LABELS = [0, 1, 2, 2, 1]
+SEED = 123
+
+FRESH = r"""
+import json, math, sys
+import torch
+torch.set_num_threads(1)
+from diffusers import DiffusionPipeline, LCMScheduler, UNet2DModel
+loaded = lambda: sorted(m for m in sys.modules if m == "stepdistill" or m.startswith("stepdistill."))
+assert not loaded(), loaded()
+root = sys.argv[1]
+refs = torch.load(f"{root}/refs.pt", weights_only=True)
+spec = json.loads(open(f"{root}/spec.json").read())
+out = {}
+
+def diff(a, b):
+    return [float((a - b).abs().max()), float(b.abs().max())]
+
+for name, case in spec["text"].items():
+    pipe = DiffusionPipeline.from_pretrained(case["dir"])
+    pipe.set_progress_bar_config(disable=True)
+    out[name + "/pipeline"] = [type(pipe).__name__, type(pipe.scheduler).__name__]
+    for k, timesteps in case["runs"]:
+        extra = {"timesteps": timesteps} if timesteps else {"num_inference_steps": k}
+        key = f"{name}/{k}" + ("/timesteps" if timesteps else "")
+        for kind in ("latent", "pt"):
+            got = pipe(spec["prompts"], guidance_scale=1.0, generator=torch.Generator().manual_seed(spec["seed"]),
+                       output_type=kind, **extra).images
+            out[f"{key}/{kind}"] = diff(got, refs[f"{name}/{k}/{kind}"])
+
+case = spec["class"]
+unet = UNet2DModel.from_pretrained(case["dir"] + "/unet")
+scheduler = LCMScheduler.from_pretrained(case["dir"] + "/scheduler")
+labels = torch.tensor(spec["labels"])
+shape = (len(labels), unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+with torch.no_grad():
+    x_T = torch.randn(shape, generator=torch.Generator().manual_seed(spec["seed"]))
+    T = scheduler.config.num_train_timesteps - 1
+    abar = scheduler.alphas_cumprod[T]
+    eps = unet(x_T, T, class_labels=labels).sample
+    out["class/1/rule"] = diff((x_T - (1 - abar).sqrt() * eps) / abar.sqrt(), refs["class/1/latent"])
+    for k in case["steps"]:
+        g = torch.Generator().manual_seed(spec["seed"])
+        x = torch.randn(shape, generator=g)
+        scheduler.set_timesteps(k)
+        for t in scheduler.timesteps:
+            x = scheduler.step(unet(x, t, class_labels=labels).sample, t, x, generator=g).prev_sample
+        out[f"class/{k}/scheduler"] = diff(x, refs[f"class/{k}/latent"])
+assert not loaded(), loaded()
+print(json.dumps(out))
+"""
+
+
+def _text_refs(pipe: FewStepPipeline, name: str, steps: list[int], refs: dict) -> None:
+    for k in steps:
+        for kind in ("latent", "pt"):
+            refs[f"{name}/{k}/{kind}"] = pipe(PROMPTS, num_inference_steps=k, output_type=kind,
+                                              generator=torch.Generator().manual_seed(SEED)).images
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory, sd15_dir, text_student, class_student):
+    """Export everything, compute our samples, and run the fresh-process comparison once."""
+    from stepdistill.tiny_stacks import build_tiny_sdxl
+
+    root = tmp_path_factory.mktemp("export")
+    refs: dict[str, torch.Tensor] = {}
+    spec = {"prompts": PROMPTS, "labels": LABELS, "seed": SEED, "text": {}}
+
+    # SD1.5-like, through the CLI from a run directory (student/ copied, not re-saved)
+    run = make_run(root / "run", text_student, sd15_dir)
+    assert main(["export", f"run={run}", "format=diffusers", f"out={root / 'sd15'}"]) == 0
+    pipe = FewStepPipeline.from_run(run)
+    pipe.set_progress_bar_config(disable=True)
+    _text_refs(pipe, "sd15", [1, 3, 4], refs)
+    grid3 = generator_timesteps(text_student.schedule, 3)
+    spec["text"]["sd15"] = {"dir": str(root / "sd15"), "runs": [[1, None], [4, None], [3, None], [3, grid3]]}
+
+    # SD1.5-like with a v-prediction schedule
+    v_teacher = shutil.copytree(sd15_dir, root / "sd15_v_teacher")
+    config_file = v_teacher / "scheduler" / "scheduler_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "prediction_type": "v_prediction"}))
+    v_student = perturbed(load_denoiser(v_teacher), seed=3)
+    export_diffusers(v_student, v_teacher, root / "sd15_v", STEPS)
+    pipe = FewStepPipeline.from_generator(v_student, v_teacher)
+    pipe.set_progress_bar_config(disable=True)
+    _text_refs(pipe, "sd15_v", [1, 4], refs)
+    spec["text"]["sd15_v"] = {"dir": str(root / "sd15_v"), "runs": [[1, None], [4, None]]}
+
+    # SDXL-like (two text encoders, text_time added conditioning)
+    sdxl_dir = build_tiny_sdxl(root / "sdxl_teacher")
+    xl_student = perturbed(load_denoiser(sdxl_dir), seed=4)
+    export_diffusers(xl_student, sdxl_dir, root / "sdxl", STEPS)
+    pipe = FewStepPipeline.from_generator(xl_student, sdxl_dir)
+    pipe.set_progress_bar_config(disable=True)
+    _text_refs(pipe, "sdxl", [1, 4], refs)
+    spec["text"]["sdxl"] = {"dir": str(root / "sdxl"), "runs": [[1, None], [4, None]]}
+
+    # class-conditional UNet2DModel
+    export_diffusers(class_student, None, root / "class", STEPS)
+    pipe = FewStepPipeline.from_generator(class_student)
+    for k in (1, 2, 4):
+        refs[f"class/{k}/latent"] = pipe(class_labels=LABELS, num_inference_steps=k, output_type="latent",
+                                         generator=torch.Generator().manual_seed(SEED)).images
+    spec["class"] = {"dir": str(root / "class"), "steps": [1, 2, 4]}
+
+    torch.save(refs, root / "refs.pt")
+    (root / "spec.json").write_text(json.dumps(spec))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH="")
+    proc = subprocess.run([sys.executable, "-c", FRESH, str(root)], capture_output=True, text=True, env=env,
+                          timeout=300, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"results": json.loads(proc.stdout.strip().splitlines()[-1]), "root": root}
+
+
+def _close(result: list[float], kind: str) -> bool:
+    err, scale = result
+    return err <= (IMAGE_ATOL if kind == "pt" else RAW_RTOL * max(1.0, scale))
+
+
+@pytest.mark.parametrize("name,pipeline", [("sd15", "StableDiffusionPipeline"), ("sd15_v", "StableDiffusionPipeline"),
+                                           ("sdxl", "StableDiffusionXLPipeline")])
+def test_text_export_loads_as_a_standard_pipeline_with_lcm(fresh, name, pipeline):
+    assert fresh["results"][f"{name}/pipeline"] == [pipeline, "LCMScheduler"]
+
+
+@pytest.mark.parametrize("name", ["sd15", "sd15_v", "sdxl"])
+@pytest.mark.parametrize("steps", [1, 4])
+@pytest.mark.parametrize("kind", ["latent", "pt"])
+def test_text_export_reproduces_our_samples(fresh, name, steps, kind):
+    result = fresh["results"][f"{name}/{steps}/{kind}"]
+    assert _close(result, kind), result
+
+
+def test_three_steps_need_the_explicit_grid(fresh):
+    """LCM's default K = 3 selection is 999, 666, 333 (ours 999, 666, 332): pass timesteps= instead."""
+    results = fresh["results"]
+    assert not _close(results["sd15/3/pt"], "pt") or not _close(results["sd15/3/latent"], "latent")
+    assert _close(results["sd15/3/timesteps/latent"], "latent") and _close(results["sd15/3/timesteps/pt"], "pt")
+
+
+@pytest.mark.parametrize("key", ["class/1/rule", "class/1/scheduler", "class/2/scheduler", "class/4/scheduler"])
+def test_class_export_reproduces_our_samples(fresh, key):
+    result = fresh["results"][key]
+    assert _close(result, "latent"), result
+
+
+def test_export_directory_contents(fresh):
+    root = fresh["root"]
+    notes = json.loads((root / "sd15" / "stepdistill_export.json").read_text())
+    assert notes["steps"] == STEPS and notes["guidance_scale"] == 1.0 and notes["prediction_type"] == "epsilon"
+    assert notes["timesteps"]["4"] == [999, 749, 499, 249] and notes["timesteps"]["3"] == [999, 666, 332]
+    assert 3 not in notes["default_timesteps_exact_for_steps"] and {1, 2, 4, 8} <= set(
+        notes["default_timesteps_exact_for_steps"])
+    assert json.loads((root / "sd15_v" / "stepdistill_export.json").read_text())["prediction_type"] == "v_prediction"
+    index = json.loads((root / "sdxl" / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline" and index["scheduler"] == ["diffusers", "LCMScheduler"]
+    assert sorted(p.name for p in (root / "class").iterdir()) == ["README.md", "scheduler", "stepdistill_export.json",
+                                                                  "unet"]
+    assert "guidance_scale=1.0" in (root / "sd15" / "README.md").read_text()
+
+
+# --------------------------------------------------------------------------- the scheduler, without a subprocess
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 8])
+def test_lcm_timestep_selection_vs_our_trailing_grid(class_student, steps):
+    scheduler = few_step_scheduler(class_student.schedule, class_student.denoiser.scheduler_config)
+    scheduler.set_timesteps(steps)
+    ours = generator_timesteps(class_student.schedule, steps)
+    assert scheduler.timesteps.tolist() == lcm_timesteps(1000, steps)
+    assert (scheduler.timesteps.tolist() == ours) == (steps != 3)
+    c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(torch.tensor(min(ours)))
+    assert float(c_skip) < 1e-15 and float(c_out) == pytest.approx(1.0, abs=1e-7)
+
+
+def test_scheduler_table_is_the_teachers(text_student, class_student):
+    for student in (text_student, class_student):
+        scheduler = few_step_scheduler(student.schedule, student.denoiser.scheduler_config)
+        assert torch.equal(scheduler.alphas_cumprod.double(), student.schedule.alphas_cumprod)
+    assert few_step_scheduler(text_student.schedule, text_student.denoiser.scheduler_config).config.beta_schedule \
+        == "scaled_linear"
+
+
+# --------------------------------------------------------------------------- bad input
+def test_export_refuses_what_it_cannot_do(tmp_path, text_student, class_student):
+    from stepdistill.denoisers.toy import ToyDenoiser, ToyMLP
+    from stepdistill.roles import Generator
+    from stepdistill.schedules import NoiseSchedule
+
+    with pytest.raises(StepdistillError, match="needs the teacher directory"):
+        export_diffusers(text_student, None, tmp_path / "a")
+    late = Generator(class_student.denoiser, steps=1, t_max=0.625, copy=False)
+    with pytest.raises(StepdistillError, match="t_max=0.625"):
+        export_diffusers(late, None, tmp_path / "b")
+    toy = Generator(ToyDenoiser(ToyMLP(num_classes=NUM_CLASSES, hidden=8, layers=1),
+                                NoiseSchedule.vp("linear", 1000, 1e-4, 0.02), "eps"), copy=False)
+    with pytest.raises(StepdistillError, match="cannot export a ToyMLP"):
+        export_diffusers(toy, None, tmp_path / "c")
+    assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+def test_overwrite_rules(tmp_path, class_student):
+    out = export_diffusers(class_student, None, tmp_path / "out")
+    with pytest.raises(StepdistillError, match="already exists and is not empty.*overwrite=true"):
+        export_diffusers(class_student, None, out)
+    assert export_diffusers(class_student, None, out, 2, overwrite=True) == out
+    assert json.loads((out / "stepdistill_export.json").read_text())["steps"] == 2
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(StepdistillError, match="did not write"):
+        export_diffusers(class_student, None, foreign, overwrite=True)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "out"]
