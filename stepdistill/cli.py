@@ -15,7 +15,12 @@ USAGE = """usage: stepdistill <command> [key=value ...]
 commands:
   teacher train dataset=toy2d|digits output_dir=DIR [data.*=...]   train a teacher
   teacher eval  dataset=toy2d|digits output_dir=DIR [steps=[1,2,4]] teacher metrics vs steps
+  train         experiment=DATASET/NAME output_dir=DIR [k=v ...]   distil a teacher
+                (trainer.resume=auto continues a run; logger=wandb|tensorboard)
   demo          output_dir=DIR                                      the embedded demo
+  sample        run=DIR [steps=K] [num_images=N] [seed=S] [out=DIR] a run's student: PNGs + grid.png
+  export        run=DIR format=diffusers [out=DIR] [steps=K]        a directory diffusers loads
+  eval          run=DIR [steps=K] [num_samples=N] [teacher_steps=50] metrics.json + report.md
 """
 
 
@@ -33,16 +38,44 @@ def _teacher_eval(overrides: Sequence[str]) -> None:
     teacher.evaluate(compose("teacher", overrides))
 
 
+def _train(overrides: Sequence[str]) -> None:
+    from stepdistill.commands import train
+
+    train.run(overrides)
+
+
 def _demo(overrides: Sequence[str]) -> None:
     from stepdistill.commands import demo
 
     demo.run(overrides)
 
 
+def _sample(overrides: Sequence[str]) -> None:
+    from stepdistill.commands import sample
+
+    sample.run(overrides)
+
+
+def _export(overrides: Sequence[str]) -> None:
+    from stepdistill.commands import export
+
+    export.run(overrides)
+
+
+def _eval(overrides: Sequence[str]) -> None:
+    from stepdistill.commands import evaluate
+
+    evaluate.run(overrides)
+
+
 COMMANDS: dict[tuple[str, ...], Callable[[Sequence[str]], None]] = {
     ("teacher", "train"): _teacher_train,
     ("teacher", "eval"): _teacher_eval,
+    ("train",): _train,
     ("demo",): _demo,
+    ("sample",): _sample,
+    ("export",): _export,
+    ("eval",): _eval,
 }
 
 

@@ -8,7 +8,11 @@ from stepdistill.algorithms.dmd2 import DMD2
 from stepdistill.conditioning import Conditioning
 from stepdistill.denoisers.diffusers import UNet2DDenoiser
 from stepdistill.errors import StepdistillError
-from stepdistill.losses import distribution_matching_loss, gan_discriminator_loss, gan_generator_loss
+from stepdistill.losses import (
+    distribution_matching_loss,
+    gan_discriminator_loss,
+    gan_generator_loss,
+)
 from stepdistill.roles import Critic, Generator, Teacher
 from stepdistill.schedules import NoiseSchedule, Prediction
 from stepdistill.teachers import build_digits_unet

@@ -1,0 +1,51 @@
+"""``stepdistill eval run=DIR [steps=K] [num_samples=N] [teacher_steps=50] [batch_size=256]``.
+
+Measures a run's student and its teacher with the same code, labels and sample count and writes
+``<run>/metrics.json`` and ``<run>/report.md`` (see ``stepdistill.eval.run_eval``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from stepdistill.commands.sample import parse_args
+
+KEYS = {"run": "str", "steps": "int", "num_samples": "int", "teacher_steps": "int", "batch_size": "int",
+        "seed": "int"}
+
+
+def evaluate_run(run_dir: Path, generator, cfg, *, steps: int | None = None, num_samples: int | None = None,
+                 teacher_steps: int = 50, batch_size: int = 256, seed: int = 0) -> dict:
+    """Evaluate ``generator`` (the run's student) and write metrics.json and report.md into ``run_dir``."""
+    from stepdistill.commands.teacher import build_task
+    from stepdistill.denoisers.loading import load_denoiser
+    from stepdistill.eval.run_eval import evaluate_student
+    from stepdistill.eval.run_report import write_metrics, write_report
+    from stepdistill.roles import Teacher
+
+    task = build_task(cfg)
+    teacher = Teacher(load_denoiser(cfg.teacher.path), cfg.teacher.guidance_scale)
+    scale = cfg.algorithm.get("guidance_scale") if cfg.get("algorithm") else None
+    result = evaluate_student(generator, teacher, task, steps=steps or generator.steps,
+                              teacher_steps=teacher_steps, guidance_scale=scale, num_samples=num_samples,
+                              seed=seed, batch_size=batch_size)
+    train_file = run_dir / "train.json"
+    train = json.loads(train_file.read_text()) if train_file.is_file() else None
+    metrics = write_metrics(run_dir, result, experiment=str(cfg.get("experiment_name") or run_dir.name),
+                            algorithm=str(cfg.algorithm._target_).rsplit(".", 1)[-1], dataset=task.name,
+                            train=train)
+    report = write_report(run_dir, metrics, result, task)
+    key = task.primary_metric
+    print(f"student {key} {metrics['student']['metrics'][key]:.4g} vs teacher "
+          f"{metrics['teacher']['metrics'][key]:.4g} ({metrics['teacher']['steps']} steps); report: {report}")
+    return metrics
+
+
+def run(overrides: Sequence[str]) -> dict:
+    from stepdistill.pipelines import load_run
+
+    args = parse_args(overrides, KEYS, "eval")
+    student = load_run(args.pop("run", None))
+    return evaluate_run(student.path, student.generator, student.config, **args)

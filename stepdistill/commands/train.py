@@ -1,0 +1,164 @@
+"""``stepdistill train experiment=<dataset>/<name> output_dir=DIR [key=value ...]``: distil a teacher.
+
+Composes ``configs/train.yaml`` with an experiment, builds task, teacher, generator, critic and
+algorithm from their ``_target_`` nodes, and runs the ``Trainer``. Everything is built and checked
+before anything is written, and a directory that already holds a run is reused only with
+``trainer.resume=...`` or ``overwrite=true``.
+
+Run directory: ``config.yaml`` (resolved), ``checkpoints/checkpoint-<step>/``, ``logs.jsonl``,
+``samples/step-XXXXXX.png``, ``student/`` (diffusers format), ``train.json``, and ``wandb/`` or
+``tensorboard/`` with those loggers.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from stepdistill.algorithms.base import Algorithm
+from stepdistill.commands.teacher import build_task, resolved_yaml
+from stepdistill.config import compose, configs_dir, instantiate, to_container
+from stepdistill.denoisers.loading import load_denoiser
+from stepdistill.errors import StepdistillError
+from stepdistill.roles import Teacher
+from stepdistill.training import checkpoint
+from stepdistill.training.settings import TrainerConfig, build_accelerator
+from stepdistill.training.trainer import TaskBatches, Trainer
+
+#: what a run writes; overwrite=true deletes these (and nothing else) when training starts
+RUN_FILES = ("config.yaml", "checkpoints", "logs.jsonl", "samples", "student", "train.json", "wandb",
+             "tensorboard", "metrics.json", "report.md", "samples_teacher_vs_student.png", "losses.png",
+             "fid_vs_nfe.png", "swd_vs_nfe.png")
+
+
+@dataclass
+class TrainResult:
+    """A finished run, for evaluation code.
+
+    Attributes:
+        algorithm: the trained algorithm (modules unwrapped, on the training device).
+        generator: the generator to evaluate: the EMA one when enabled, else the online one.
+        ema_generator: the EMA generator, or None when the EMA is off.
+        task: the evaluation task.
+        cfg: the resolved config.
+        wall_s: training time of this invocation.
+        history: every step's ``{"step", "phase", "loss"}`` since step 0 (resumed runs included).
+        output_dir: the run directory.
+        skipped_nonfinite: steps skipped by the non-finite guard.
+    """
+
+    algorithm: Algorithm
+    generator: nn.Module
+    ema_generator: nn.Module | None
+    task: Any
+    cfg: DictConfig
+    wall_s: float
+    history: list[dict[str, Any]]
+    output_dir: Path
+    skipped_nonfinite: int
+
+
+def experiments(overrides: Sequence[str] = ()) -> list[str]:
+    """The experiments, as ``experiment=`` values (``<dataset>/<name>``): the shipped ones and those
+    in directories added with ``hydra.searchpath=[file://DIR]``."""
+    roots = [configs_dir()] + [Path(p) for o in overrides if o.startswith("hydra.searchpath=")
+                               for p in re.findall(r"file://([^,\]'\"]+)", o)]
+    found = {str(p.relative_to(r / "experiment").with_suffix("")) for r in roots
+             for p in (r / "experiment").rglob("*.yaml")}
+    return sorted(found)
+
+
+def compose_train(overrides: Sequence[str]) -> DictConfig:
+    """Compose ``train.yaml`` with the chosen experiment; a missing or unknown one is a one-line error
+    listing the allowed ones (Hydra names none for a group whose default is null)."""
+    chosen = [o.split("=", 1)[1] for o in overrides if o.startswith("experiment=")]
+    allowed = experiments(overrides)
+    if chosen and chosen[-1] not in allowed:
+        raise StepdistillError(f"unknown experiment {chosen[-1]!r}; allowed: {', '.join(allowed) or '(none)'}")
+    cfg = compose("train", overrides)
+    if cfg.algorithm is None:
+        raise StepdistillError(f"choose an experiment: experiment=<dataset>/<name>; allowed: "
+                               f"{', '.join(allowed) or '(none)'}")
+    if cfg.experiment_name is None and chosen:
+        cfg.experiment_name = chosen[-1]
+    return cfg
+
+
+def run(overrides: Sequence[str]) -> TrainResult:
+    return train(compose_train(overrides))
+
+
+def train(cfg: DictConfig) -> TrainResult:
+    """Build everything from ``cfg``, check the output directory, train, and return the result."""
+    trainer_cfg: TrainerConfig = instantiate(cfg.trainer)
+    optim, logger = instantiate(cfg.optim), instantiate(cfg.logger)
+    out = check_output_dir(cfg.output_dir, cfg.overwrite, trainer_cfg.resume)
+    task = build_task(cfg)
+    algorithm = build_algorithm(cfg, trainer_cfg.seed)
+    accelerator = build_accelerator(trainer_cfg, logger, out)
+    trainer = Trainer(algorithm, TaskBatches(task, trainer_cfg.seed), trainer_cfg, optim, out, logger=logger,
+                      task=task, accelerator=accelerator, run_config=to_container(cfg))
+    accelerator.wait_for_everyone()  # every process has checked the directory before it changes
+    if accelerator.is_main_process:
+        start_run_dir(out, cfg.overwrite and not trainer_cfg.resume)
+    accelerator.wait_for_everyone()
+    fit = trainer.fit(on_start=lambda: (out / "config.yaml").write_text(resolved_yaml(cfg)))
+    if accelerator.is_main_process:
+        print(f"trained {fit.history[-1]['step'] + 1 if fit.history else 0} steps in {fit.wall_s:.0f} s; "
+              f"student written to {out / 'student'}")
+        if cfg.evaluate.enabled:
+            from stepdistill.commands.evaluate import evaluate_run
+
+            evaluate_run(out, fit.generator, cfg, num_samples=cfg.evaluate.num_samples,
+                         teacher_steps=cfg.evaluate.teacher_steps, batch_size=cfg.evaluate.batch_size)
+    return TrainResult(fit.algorithm, fit.generator, fit.ema.model if fit.ema is not None else None, task, cfg,
+                       fit.wall_s, fit.history, out, fit.skipped_nonfinite)
+
+
+def build_algorithm(cfg: DictConfig, seed: int) -> Algorithm:
+    """teacher -> generator, critic (copies of the teacher's denoiser) -> algorithm."""
+    torch.manual_seed(seed)  # any randomly initialised heads are the same on every process
+    if cfg.teacher.path is None:
+        raise StepdistillError("teacher.path is required: a local diffusers directory (teacher.path=DIR)")
+    teacher = Teacher(load_denoiser(cfg.teacher.path), guidance_scale=cfg.teacher.guidance_scale)
+    generator = instantiate(cfg.generator, denoiser=teacher.denoiser)
+    roles: dict[str, Any] = {"teacher": teacher, "generator": generator}
+    if cfg.critic is not None:
+        roles["critic"] = instantiate(cfg.critic, denoiser=teacher.denoiser)
+    return instantiate(cfg.algorithm, **roles)
+
+
+def check_output_dir(path: str | None, overwrite: bool, resume: str | None) -> Path:
+    """The run directory; refuses (changing nothing) one that holds a run unless resuming or
+    overwriting, and a ``trainer.resume`` that names no checkpoint."""
+    if not path:
+        raise StepdistillError("output_dir is required: add output_dir=DIR")
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise StepdistillError(f"output_dir {str(out)!r} is a file")
+    existing = out.is_dir() and any(out.iterdir())
+    if existing and not (resume or overwrite):
+        raise StepdistillError(f"{str(out)!r} already holds a run; continue it with trainer.resume=auto, "
+                               "start over with overwrite=true, or choose another output_dir")
+    checkpoint.resolve_resume(resume, out)
+    return out
+
+
+def start_run_dir(out: Path, clear: bool) -> None:
+    """Create ``out``; with ``clear`` (overwrite=true, no resume) delete the previous run's files."""
+    out.mkdir(parents=True, exist_ok=True)
+    if clear:
+        for name in RUN_FILES:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()

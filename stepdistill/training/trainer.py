@@ -1,0 +1,326 @@
+"""The distillation training loop: one ``Accelerator``, one optimizer per phase of an ``Algorithm``.
+
+Per optimizer step: the algorithm picks the phase; only that phase's parameters require grad (the
+teacher never does); each process takes its slice of a global batch drawn from a generator seeded
+by (seed, step) and splits it into ``gradient_accumulation_steps`` micro-batches; the phase's
+gradients are averaged over processes (DDP), clipped and, if the loss and gradient norm are finite,
+applied; the EMA of the generator follows every applied generator update. Checkpoints
+(``checkpoint.py``) restore all of it, RNG states included, so a resumed run continues the same
+loss trajectory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from stepdistill.algorithms.base import Algorithm, Batch, unwrap
+from stepdistill.conditioning import Conditioning
+from stepdistill.errors import StepdistillError
+from stepdistill.training import checkpoint
+from stepdistill.training.callbacks import (
+    LoggerConfig,
+    MetricsLog,
+    Progress,
+    SampleGrid,
+    StepRecord,
+    flat_config,
+)
+from stepdistill.training.checkpoint import TrainerState
+from stepdistill.training.ema import EMA
+from stepdistill.training.optim import OptimConfig, build_optimizer, build_schedule
+from stepdistill.training.settings import TrainerConfig, build_accelerator
+
+
+@dataclass
+class FitResult:
+    """What ``Trainer.fit`` returns; modules are unwrapped (no DDP) and on the training device."""
+
+    algorithm: Algorithm
+    generator: nn.Module
+    ema: EMA | None
+    history: list[dict[str, Any]]
+    wall_s: float
+    skipped_nonfinite: int
+    start_step: int
+    checkpoint: Path | None
+
+
+class TaskBatches:
+    """Global training batches of a task: ``(step, size) -> Batch`` from a generator seeded by
+    (seed, step), so every process, however many there are, sees the same global batch."""
+
+    def __init__(self, task, seed: int = 0) -> None:
+        self.task, self.seed = task, int(seed)
+
+    def __call__(self, step: int, size: int) -> Batch:
+        g = torch.Generator().manual_seed(self.seed * 1_000_033 + 7919 * step + 1)
+        x0, labels = self.task.batch(size, g)
+        return Batch(cond=Conditioning.labels(labels, self.task.null_class), x0=x0)
+
+
+class Trainer:
+    """Trains an ``Algorithm``; writes checkpoints, logs, samples and the student under ``output_dir``.
+
+    Args:
+        algorithm: the algorithm (teacher, generator, critic, ...), built on the CPU.
+        batches: ``(step, global_size) -> Batch``, e.g. ``TaskBatches(task, seed)``.
+        config: the ``trainer.*`` settings.
+        optim: the ``optim.*`` settings (shared + per phase).
+        output_dir: the run directory (created if missing; the command decides whether it may be reused).
+        logger: trackers besides logs.jsonl (default: none).
+        task: draws the sample grids (none without it).
+        accelerator: an existing accelerator (default: ``build_accelerator``).
+        run_config: the resolved config, for the trackers.
+    """
+
+    def __init__(self, algorithm: Algorithm, batches, config: TrainerConfig, optim: OptimConfig,
+                 output_dir: str | Path, *, logger: LoggerConfig | None = None, task=None,
+                 accelerator=None, run_config: dict[str, Any] | None = None) -> None:
+        self.algorithm, self.batches, self.config = algorithm, batches, config
+        self.output_dir, self.logger = Path(output_dir), logger or LoggerConfig()
+        self.task, self.run_config = task, run_config or {}
+        self.accelerator = accelerator or build_accelerator(config, self.logger, self.output_dir)
+        self._check_batch_size()
+        self.phase_params = _phase_parameters(algorithm)
+        self.settings = optim.for_phases(algorithm.phases)
+        algorithm.teacher.eval().requires_grad_(False)
+        algorithm.to(self.accelerator.device)
+        self.ema = EMA(unwrap(algorithm.generator), config.ema_decay) if config.ema_decay is not None else None
+        generator_ids = {id(p) for p in unwrap(algorithm.generator).parameters()}
+        self.ema_phases = {ph for ph, ps in self.phase_params.items() if any(id(p) in generator_ids for p in ps)}
+        self.optimizers = {ph: build_optimizer(ps, self.settings[ph]) for ph, ps in self.phase_params.items()}
+        self.schedules = {ph: build_schedule(opt, self.settings[ph]) for ph, opt in self.optimizers.items()}
+        self.prepared = self._prepare()
+        self.state = TrainerState()
+
+    # ------------------------------------------------------------------ setup
+    def _check_batch_size(self) -> None:
+        n, k = self.accelerator.num_processes, self.config.gradient_accumulation_steps
+        if self.config.batch_size % (n * k):
+            raise StepdistillError(f"trainer.batch_size={self.config.batch_size} (the global batch) must be "
+                                   f"divisible by the number of processes ({n}) x "
+                                   f"trainer.gradient_accumulation_steps ({k})")
+
+    def _prepare(self) -> dict[str, nn.Module]:
+        """``accelerator.prepare`` the trained modules, optimizers and schedules (never the teacher)."""
+        names = self.algorithm.modules_to_prepare()
+        inside = {id(p) for m in names.values() for p in m.parameters()}
+        for phase, params in self.phase_params.items():
+            if any(id(p) not in inside for p in params):
+                raise ValueError(f"phase {phase!r} trains parameters outside modules_to_prepare(); make "
+                                 "trainable() return direct submodules of the algorithm")
+        objects = [*names.values(), *self.optimizers.values(), *self.schedules.values()]
+        prepared = list(self.accelerator.prepare(*objects))
+        modules = dict(zip(names, prepared[:len(names)], strict=True))
+        for name, module in modules.items():
+            setattr(self.algorithm, name, module)
+        opts = prepared[len(names):len(names) + len(self.optimizers)]
+        self.optimizers = dict(zip(self.optimizers, opts, strict=True))
+        self.schedules = dict(zip(self.schedules, prepared[len(names) + len(opts):], strict=True))
+        ids = {ph: {id(p) for p in ps} for ph, ps in self.phase_params.items()}
+        self.phase_modules = {ph: [m for m in modules.values() if any(id(p) in ids[ph] for p in m.parameters())]
+                              for ph in self.phase_params}
+        return modules
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self, step: int) -> StepRecord:
+        """Run optimizer step ``step`` (0-based) of the phase the algorithm picks; apply it unless
+        the loss or gradient norm is not finite."""
+        phase = self.algorithm.phase(step)
+        self._set_trainable(phase)
+        micro = self._local_batches(step)
+        loss, logs = torch.zeros((), dtype=torch.float64, device=self.accelerator.device), {}
+        for i, batch in enumerate(micro):
+            with self._sync_context(phase, last=i == len(micro) - 1):
+                with self.accelerator.autocast():
+                    out = self.algorithm.loss(phase, batch, step)
+                self.accelerator.backward(out.loss / len(micro))
+            loss += out.loss.detach().double() / len(micro)
+            for k, v in out.logs.items():
+                logs[k] = logs.get(k, 0.0) + float(v) / len(micro)
+        opt, settings = self.optimizers[phase], self.settings[phase]
+        lr = float(opt.param_groups[0]["lr"])
+        self.accelerator.unscale_gradients(optimizer=opt)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.phase_params[phase],
+                                                         settings.max_grad_norm or math.inf))
+        loss_value = float(self.accelerator.reduce(loss, "mean"))
+        finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
+        if finite:
+            opt.step()
+            self.schedules[phase].step()
+            if self.ema is not None and phase in self.ema_phases:
+                self.ema.update(unwrap(self.algorithm.generator))
+        elif self.accelerator.scaler is not None:
+            self.accelerator.scaler.update()  # fp16: clear the scaler's per-step record, lower the scale
+        opt.zero_grad(set_to_none=True)
+        return self._account(StepRecord(step, phase, loss_value, lr, grad_norm, not finite, logs))
+
+    def _set_trainable(self, phase: str) -> None:
+        for params in self.phase_params.values():
+            for p in params:
+                p.requires_grad_(False)
+        for p in self.phase_params[phase]:
+            p.requires_grad_(True)
+
+    def _local_batches(self, step: int) -> list[Batch]:
+        """This process's slice of the global batch, split into micro-batches, on the device."""
+        acc, device = self.accelerator, self.accelerator.device
+        full = self.batches(step, self.config.batch_size)
+        per_process = self.config.batch_size // acc.num_processes
+        size = per_process // self.config.gradient_accumulation_steps
+        start = acc.process_index * per_process
+        return [_slice(full, start + i * size, start + (i + 1) * size, device)
+                for i in range(self.config.gradient_accumulation_steps)]
+
+    def _sync_context(self, phase: str, last: bool):
+        """DDP's no_sync on the phase's modules for every micro-batch but the last."""
+        stack = contextlib.ExitStack()
+        if not last:
+            for module in self.phase_modules[phase]:
+                stack.enter_context(self.accelerator.no_sync(module))
+        return stack
+
+    def _account(self, record: StepRecord) -> StepRecord:
+        s = self.state
+        s.history.append({"step": record.step, "phase": record.phase, "loss": record.loss})
+        if not record.skipped:
+            s.nonfinite_in_a_row = 0
+            return record
+        s.skipped_nonfinite += 1
+        s.nonfinite_in_a_row += 1
+        if s.nonfinite_in_a_row >= self.config.max_nonfinite_in_a_row:
+            raise StepdistillError(
+                f"stopped at step {record.step}: {s.nonfinite_in_a_row} steps in a row had a non-finite loss "
+                f"or gradient norm (last: phase {record.phase!r}, loss {record.loss}, grad norm "
+                f"{record.grad_norm}; {s.skipped_nonfinite} skipped in all); lower optim.lr / "
+                f"optim.{record.phase}.lr or trainer.mixed_precision, check the teacher, then resume "
+                f"from the last good checkpoint with trainer.resume=auto")
+        return record
+
+    # ------------------------------------------------------------------ the run
+    def fit(self, on_start: Callable[[], None] | None = None) -> FitResult:
+        """Train from the start or the resumed checkpoint to ``max_steps``; save the last
+        checkpoint, the student and train.json.
+
+        Args:
+            on_start: called on the main process once the run is resumed (or seeded), before the
+                first step: a failed resume leaves the run directory as it was.
+        """
+        start_time, acc, cfg = time.perf_counter(), self.accelerator, self.config
+        self._resume_or_seed()
+        start_step = self.state.step
+        if on_start is not None and acc.is_main_process:
+            on_start()
+        if self.logger.kind != "none":
+            acc.init_trackers(self.logger.project, config=flat_config(self.run_config),
+                              init_kwargs=self.logger.init_kwargs(self.output_dir))
+        callbacks = self._callbacks(start_step)
+        self.algorithm.train()
+        last_saved = start_step if start_step else None
+        finished = False
+        try:
+            for step in range(start_step, cfg.max_steps):
+                record = self.train_step(step)
+                self.state.step = step + 1
+                for cb in callbacks:
+                    cb.after_step(record, last=step + 1 == cfg.max_steps)
+                if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+                    last_saved = self.state.step
+                    self.save_checkpoint()
+            if last_saved != self.state.step:
+                self.save_checkpoint()
+            wall = time.perf_counter() - start_time
+            if acc.is_main_process:
+                self._export(wall, start_step)
+            finished = True
+        finally:
+            for cb in callbacks:
+                cb.close()
+            if finished:  # after an error another process may never arrive
+                acc.wait_for_everyone()
+            acc.end_training()
+        for name, module in self.prepared.items():
+            setattr(self.algorithm, name, acc.unwrap_model(module))
+        return FitResult(self.algorithm, self.sampling_generator()[0], self.ema, self.state.history, wall,
+                         self.state.skipped_nonfinite, start_step,
+                         checkpoint.latest_checkpoint(self.output_dir / "checkpoints"))
+
+    def _callbacks(self, start_step: int) -> list:
+        acc, cfg = self.accelerator, self.config
+        out = [MetricsLog(acc, self.output_dir / "logs.jsonl", cfg.log_every, start_step),
+               Progress(cfg.max_steps, start_step, cfg.progress and acc.is_main_process)]
+        if self.task is not None:
+            out.append(SampleGrid(acc, self.task, self.sampling_generator, self.output_dir / "samples",
+                                  cfg.sample_every, cfg.num_samples, cfg.seed))
+        return out
+
+    def sampling_generator(self) -> tuple[nn.Module, str]:
+        """The generator to sample and export: the EMA one when enabled, else the online one."""
+        if self.ema is not None:
+            return self.ema.model, "EMA generator"
+        return unwrap(self.algorithm.generator), "generator"
+
+    # ------------------------------------------------------------------ checkpoints and export
+    def save_checkpoint(self) -> Path:
+        return checkpoint.save_checkpoint(self.accelerator, self.output_dir / "checkpoints", self.state,
+                                          self.ema, self.config.keep_last)
+
+    def _resume_or_seed(self) -> None:
+        from accelerate.utils import set_seed
+
+        if self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            checkpoint.remove_partial(self.output_dir / "checkpoints")
+        self.accelerator.wait_for_everyone()
+        path = checkpoint.resolve_resume(self.config.resume, self.output_dir)
+        if path is None:
+            set_seed(self.config.seed, device_specific=True)  # the algorithm's noise differs per process
+        else:
+            self.state = checkpoint.load_checkpoint(self.accelerator, path, self.ema)
+
+    def _export(self, wall: float, start_step: int) -> None:
+        checkpoint.export_student(self.sampling_generator()[0], self.output_dir / "student")
+        final = {}  # per phase: the mean of its last 100 finite losses
+        for phase in self.algorithm.phases:
+            losses = [h["loss"] for h in self.state.history if h["phase"] == phase and math.isfinite(h["loss"])]
+            final[phase] = sum(losses[-100:]) / len(losses[-100:]) if losses else None
+        summary = {"iterations": self.state.step, "wall_s": round(wall, 2), "start_step": start_step,
+                   "skipped_nonfinite": self.state.skipped_nonfinite, "final_loss": final,
+                   "num_processes": self.accelerator.num_processes, "global_batch_size": self.config.batch_size,
+                   "mixed_precision": self.accelerator.mixed_precision, "ema": self.ema is not None}
+        (self.output_dir / "train.json").write_text(json.dumps(summary, indent=2))
+
+
+def _phase_parameters(algorithm: Algorithm) -> dict[str, list[nn.Parameter]]:
+    """Each phase's trained parameters (those of ``trainable(phase)`` that require grad now);
+    every other parameter of the algorithm is frozen."""
+    teacher = {id(p) for p in algorithm.teacher.parameters()}
+    out = {}
+    for phase in algorithm.phases:
+        params = [p for p in algorithm.parameters_of(phase) if p.requires_grad]
+        if not params:
+            raise ValueError(f"phase {phase!r} of {type(algorithm).__name__} trains no parameters")
+        if any(id(p) in teacher for p in params):
+            raise ValueError(f"phase {phase!r} of {type(algorithm).__name__} lists the teacher as trainable")
+        out[phase] = params
+    trained = {id(p) for ps in out.values() for p in ps}
+    for p in algorithm.parameters():
+        if id(p) not in trained:
+            p.requires_grad_(False)
+    return out
+
+
+def _slice(batch: Batch, start: int, stop: int, device: torch.device) -> Batch:
+    cond = batch.cond.index(slice(start, stop)).to(device)
+    x0 = None if batch.x0 is None else batch.x0[start:stop].to(device)
+    return Batch(cond=cond, x0=x0)
