@@ -17,7 +17,7 @@ commands:
   teacher eval  dataset=toy2d|digits output_dir=DIR [steps=[1,2,4]] teacher metrics vs steps
   train         experiment=DATASET/NAME output_dir=DIR [k=v ...]   distil a teacher
                 (trainer.resume=auto continues a run; logger=wandb|tensorboard)
-  demo          output_dir=DIR                                      the embedded demo
+  demo          [output_dir=DIR] [key=value ...]                    DMD2 on digits (train + report)
   sample        run=DIR [steps=K] [num_images=N] [seed=S] [out=DIR] a run's student: PNGs + grid.png
   export        run=DIR format=diffusers [out=DIR] [steps=K]        a directory diffusers loads
   eval          run=DIR [steps=K] [num_samples=N] [teacher_steps=50] metrics.json + report.md
