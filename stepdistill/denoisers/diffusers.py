@@ -12,10 +12,10 @@ from stepdistill.denoisers.base import Denoiser
 from stepdistill.schedules import NoiseSchedule, Prediction
 
 
-class UNet2DDenoiser(Denoiser):
-    """``diffusers.UNet2DModel``, unconditional or class-conditional (``class_labels``)."""
+class _UNetShapes:
+    """Sample and mid-block feature shapes of a diffusers UNet, from its config."""
 
-    default_feature_modules = ("mid_block",)
+    backbone: nn.Module
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -25,11 +25,17 @@ class UNet2DDenoiser(Denoiser):
     def feature_shape(self) -> tuple[int, ...]:
         return _unet_mid_shape(self.backbone.config)
 
+
+class UNet2DDenoiser(_UNetShapes, Denoiser):
+    """``diffusers.UNet2DModel``, unconditional or class-conditional (``class_labels``)."""
+
+    default_feature_modules = ("mid_block",)
+
     def raw(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         return self.backbone(x_t, self.model_time(t, x_t), class_labels=cond.class_labels).sample
 
 
-class UNet2DConditionDenoiser(Denoiser):
+class UNet2DConditionDenoiser(_UNetShapes, Denoiser):
     """``diffusers.UNet2DConditionModel`` conditioned on prompt embeddings (SD1.5, SD2, SDXL).
 
     SD1.5-style: ``cond.prompt_embeds`` [B, L, D] is the cross-attention context. SDXL-style (the
@@ -38,14 +44,6 @@ class UNet2DConditionDenoiser(Denoiser):
     """
 
     default_feature_modules = ("mid_block",)
-
-    @property
-    def sample_shape(self) -> tuple[int, ...]:
-        return _unet_sample_shape(self.backbone.config)
-
-    @property
-    def feature_shape(self) -> tuple[int, ...]:
-        return _unet_mid_shape(self.backbone.config)
 
     @property
     def uses_text_time(self) -> bool:
