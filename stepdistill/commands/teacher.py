@@ -10,9 +10,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from stepdistill.config import instantiate, to_container
-from stepdistill.denoisers.loading import ADAPTERS, _import, load_denoiser, model_subfolder
+from stepdistill.denoisers.loading import load_denoiser, model_subfolder, wrap_backbone
 from stepdistill.errors import StepdistillError
 from stepdistill.eval.report import markdown_table, plot_losses, plot_metric_vs_nfe
+from stepdistill.eval.run_eval import generate, teacher_sampler
 from stepdistill.roles import Teacher
 from stepdistill.schedules import NoiseSchedule
 from stepdistill.training.teacher import train_teacher
@@ -41,8 +42,7 @@ def train(cfg: DictConfig) -> Path:
     backbone = instantiate(cfg.model)
     scheduler = instantiate(cfg.scheduler)
     schedule = NoiseSchedule.from_diffusers(scheduler)
-    adapter = _adapter_for(backbone)
-    denoiser = adapter(backbone, schedule, schedule.prediction)
+    denoiser = wrap_backbone(backbone, schedule)
     losses: list[float] = []
     start = time.perf_counter()
     ema = train_teacher(denoiser, task.batch, task.null_class, instantiate(cfg.train),
@@ -59,30 +59,6 @@ def train(cfg: DictConfig) -> Path:
     return out
 
 
-def _adapter_for(backbone: torch.nn.Module):
-    name = type(backbone).__name__
-    if name not in ADAPTERS:
-        raise StepdistillError(f"no denoiser adapter for {name}; supported: {', '.join(ADAPTERS)}")
-    return _import(ADAPTERS[name][1])
-
-
-@torch.no_grad()
-def generate(teacher: Teacher, task, labels: torch.Tensor, steps: int, guidance_scale: float,
-             seed: int, batch_size: int = 512) -> tuple[torch.Tensor, float]:
-    """Teacher samples for ``labels`` and the sampling throughput (samples / s)."""
-    from stepdistill.conditioning import Conditioning
-
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(len(labels), *task.sample_shape, generator=g)
-    chunks = []
-    start = time.perf_counter()
-    for x, y in zip(noise.split(batch_size), labels.split(batch_size), strict=True):
-        chunks.append(teacher.sample(x, Conditioning.labels(y, task.null_class), steps,
-                                     guidance_scale=guidance_scale))
-    elapsed = time.perf_counter() - start
-    return torch.cat(chunks), len(labels) / elapsed
-
-
 def evaluate(cfg: DictConfig) -> dict:
     """Teacher metrics at several step counts: JSON, markdown table, plot and sample grid."""
     from tqdm.auto import tqdm
@@ -93,7 +69,10 @@ def evaluate(cfg: DictConfig) -> dict:
     labels = task.eval_labels()
     rows, pictures = [], {}
     for steps in tqdm(list(cfg.steps), desc=f"{task.name} teacher eval"):
-        samples, speed = generate(teacher, task, labels, int(steps), cfg.guidance_scale, cfg.seed)
+        start = time.perf_counter()
+        samples = generate(teacher_sampler(teacher, int(steps), cfg.guidance_scale), task.sample_shape,
+                           labels, task.null_class, cfg.seed, batch_size=512)
+        speed = len(labels) / (time.perf_counter() - start)
         rows.append({"steps": int(steps), "nfe": teacher.nfe(int(steps)),
                      "guidance_scale": float(cfg.guidance_scale),
                      "metrics": task.metrics(samples, labels), "samples_per_s": round(speed, 1)})

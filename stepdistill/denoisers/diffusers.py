@@ -93,15 +93,16 @@ class SD3Denoiser(Denoiser):
                              pooled_projections=cond.pooled_embeds.to(x_t.dtype)).sample
 
 
-def _size(value) -> int:
+def config_size(value) -> int:
+    """A diffusers ``sample_size`` (an int or a [h, w] pair) as one int."""
     return int(value[0] if isinstance(value, (list, tuple)) else value)
 
 
 def _unet_sample_shape(config) -> tuple[int, ...]:
-    return (int(config.in_channels), _size(config.sample_size), _size(config.sample_size))
+    return (int(config.in_channels), config_size(config.sample_size), config_size(config.sample_size))
 
 
 def _unet_mid_shape(config) -> tuple[int, ...]:
     """[C, h, w] of a diffusers UNet's mid block: the last width, downsampled once per level but the last."""
-    side = _size(config.sample_size) // 2 ** (len(config.block_out_channels) - 1)
+    side = config_size(config.sample_size) // 2 ** (len(config.block_out_channels) - 1)
     return (int(config.block_out_channels[-1]), side, side)

@@ -106,7 +106,7 @@ def load_denoiser(path: str | Path, *, dtype: torch.dtype | None = None) -> Deno
     if class_name not in ADAPTERS:
         raise StepdistillError(f"unsupported backbone {class_name!r} in {str(model_dir)!r}; "
                                f"supported: {', '.join(ADAPTERS)}")
-    module, adapter = ADAPTERS[class_name]
+    module = ADAPTERS[class_name][0]
     backbone_cls = getattr(importlib.import_module(module), class_name)
     try:
         backbone = backbone_cls.from_pretrained(str(model_dir), torch_dtype=dtype)
@@ -115,10 +115,17 @@ def load_denoiser(path: str | Path, *, dtype: torch.dtype | None = None) -> Deno
         raise StepdistillError(f"could not load weights from {str(model_dir)!r} (corrupt or "
                                f"incomplete checkpoint?): {first}") from None
     scheduler_config = read_scheduler_config(root)
-    schedule = schedule_from_config(scheduler_config)
-    denoiser = _import(adapter)(backbone, schedule, schedule.prediction)
+    denoiser = wrap_backbone(backbone, schedule_from_config(scheduler_config))
     denoiser.scheduler_config = scheduler_config
     return denoiser
+
+
+def wrap_backbone(backbone: torch.nn.Module, schedule: NoiseSchedule) -> Denoiser:
+    """``backbone`` behind its ``Denoiser`` adapter, answering in the schedule's prediction type."""
+    name = type(backbone).__name__
+    if name not in ADAPTERS:
+        raise StepdistillError(f"no denoiser adapter for {name}; supported: {', '.join(ADAPTERS)}")
+    return _import(ADAPTERS[name][1])(backbone, schedule, schedule.prediction)
 
 
 def model_subfolder(backbone: torch.nn.Module) -> str:

@@ -72,7 +72,7 @@ def teacher_row(teacher: Teacher, task, labels: Tensor, steps: int, guidance_sca
     if path.is_file():
         metrics = json.loads(path.read_text())["metrics"]
     else:
-        sampler = _teacher_sampler(teacher, steps, guidance_scale)
+        sampler = teacher_sampler(teacher, steps, guidance_scale)
         samples = generate(sampler, task.sample_shape, labels, task.null_class, seed, batch_size)
         metrics = task.metrics(samples, labels)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,7 +83,7 @@ def teacher_row(teacher: Teacher, task, labels: Tensor, steps: int, guidance_sca
             "metrics": metrics}
 
 
-def _teacher_sampler(teacher: Teacher, steps: int, guidance_scale: float) -> Sampler:
+def teacher_sampler(teacher: Teacher, steps: int, guidance_scale: float) -> Sampler:
     return lambda noise, cond: teacher.sample(noise, cond, steps, guidance_scale=guidance_scale)
 
 
@@ -116,13 +116,13 @@ def evaluate_student(generator: Generator, teacher: Teacher, task, *, steps: int
     s_row = {"steps": steps, "nfe": steps, "metrics": task.metrics(x_student, labels),
              "samples_per_s": round(throughput(student, task.sample_shape, task.null_class, batch_size), 1),
              "sampling_wall_s": round(wall, 2)}
-    teacher_sampler = _teacher_sampler(teacher, teacher_steps, scale)
+    teacher_fn = teacher_sampler(teacher, teacher_steps, scale)
     t_row = teacher_row(teacher, task, labels, teacher_steps, scale, seed, batch_size)
-    t_row["samples_per_s"] = round(throughput(teacher_sampler, task.sample_shape, task.null_class,
+    t_row["samples_per_s"] = round(throughput(teacher_fn, task.sample_shape, task.null_class,
                                               batch_size, repeats=1), 1)
     curve = [teacher_row(teacher, task, labels, k, scale, seed, batch_size) for k in teacher_curve]
     shown = labels[:grid_size]  # the picture: teacher and student on the same noise and labels
-    pictures = {f"teacher {teacher_steps} steps": generate(teacher_sampler, task.sample_shape, shown,
+    pictures = {f"teacher {teacher_steps} steps": generate(teacher_fn, task.sample_shape, shown,
                                                            task.null_class, seed, batch_size),
                 f"student {steps} step{'s' if steps > 1 else ''}": x_student[:grid_size]}
     return {"student": s_row, "teacher": t_row, "teacher_curve": curve, "reference": task.reference(labels),

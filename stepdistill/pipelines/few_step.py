@@ -30,9 +30,10 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from torch import Tensor
 
 from stepdistill.conditioning import Conditioning
+from stepdistill.denoisers.diffusers import config_size
 from stepdistill.errors import StepdistillError
 from stepdistill.roles import Generator
-from stepdistill.schedules import NoiseSchedule, Prediction
+from stepdistill.schedules import NoiseSchedule
 
 BACKBONE_NAMES = ("unet", "transformer", "denoiser")
 TEXT_COMPONENTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
@@ -218,15 +219,9 @@ class FewStepPipeline(DiffusionPipeline):
 
     def student(self) -> Generator:
         """The ``Generator`` over this pipeline's backbone (shared, not copied)."""
-        from stepdistill.denoisers.loading import ADAPTERS, _import
+        from stepdistill.denoisers.loading import wrap_backbone
 
-        backbone = self.backbone
-        name = type(backbone).__name__
-        if name not in ADAPTERS:
-            raise StepdistillError(f"unsupported backbone {name}; supported: {', '.join(ADAPTERS)}")
-        schedule = self.schedule()
-        prediction = schedule.prediction if schedule.kind == "vp" else Prediction.FLOW
-        denoiser = _import(ADAPTERS[name][1])(backbone, schedule, prediction)
+        denoiser = wrap_backbone(self.backbone, self.schedule())
         return Generator(denoiser, steps=self.config.default_steps, t_max=self.config.t_max, copy=False)
 
     def prompt_encoder(self) -> Any:
@@ -239,7 +234,7 @@ class FewStepPipeline(DiffusionPipeline):
             stack = TextStack.SD3
         elif getattr(self, "text_encoder_2", None) is not None:
             stack = TextStack.SDXL
-            size = _size(self.backbone.config.sample_size) * self.vae_scale_factor
+            size = config_size(self.backbone.config.sample_size) * self.vae_scale_factor
             time_ids = (size, size, 0, 0, size, size)
         else:
             stack = TextStack.SD15
@@ -327,7 +322,3 @@ def load_text_components(teacher_dir: str | Path) -> dict[str, Any]:
         library = diffusers if entry[0] == "diffusers" else transformers
         parts[name] = getattr(library, entry[1]).from_pretrained(str(root / name))
     return parts
-
-
-def _size(value: Any) -> int:
-    return int(value[0] if isinstance(value, (list, tuple)) else value)

@@ -38,7 +38,8 @@ class StepRecord:
         lr: the phase's learning rate used for the step.
         grad_norm: the phase's gradient norm before clipping.
         skipped: True when the non-finite guard skipped the update.
-        logs: the algorithm's logs (main process, mean over micro-batches).
+        logs: the algorithm's logs (main process, mean over micro-batches), kept as tensors so the
+            training step does not wait for the device; converted only when a step is logged.
     """
 
     step: int
@@ -47,12 +48,15 @@ class StepRecord:
     lr: float
     grad_norm: float
     skipped: bool = False
-    logs: dict[str, float] = field(default_factory=dict)
+    logs: dict[str, Any] = field(default_factory=dict)
+
+    def float_logs(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.logs.items()}
 
     def row(self) -> dict[str, Any]:
         return {"step": self.step, "phase": self.phase, "loss": _finite_or_none(self.loss), "lr": self.lr,
                 "grad_norm": _finite_or_none(self.grad_norm), "skipped": self.skipped,
-                **{k: _finite_or_none(v) for k, v in self.logs.items()}}
+                **{k: _finite_or_none(v) for k, v in self.float_logs().items()}}
 
 
 @dataclass
@@ -124,7 +128,7 @@ class MetricsLog:
         if self.file is not None:
             self.file.write(json.dumps(record.row()) + "\n")
             self.file.flush()
-        values = {"loss": record.loss, "lr": record.lr, "grad_norm": record.grad_norm, **record.logs}
+        values = {"loss": record.loss, "lr": record.lr, "grad_norm": record.grad_norm, **record.float_logs()}
         self.accelerator.log({f"{record.phase}/{k}": v for k, v in values.items() if math.isfinite(v)},
                              step=record.step)
 

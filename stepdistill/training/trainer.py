@@ -146,8 +146,9 @@ class Trainer:
                     out = self.algorithm.loss(phase, batch, step)
                 self.accelerator.backward(out.loss / len(micro))
             loss += out.loss.detach().double() / len(micro)
-            for k, v in out.logs.items():
-                logs[k] = logs.get(k, 0.0) + float(v) / len(micro)
+            for k, v in out.logs.items():  # tensors stay on the device: no sync per step
+                v = v.detach() if isinstance(v, torch.Tensor) else float(v)
+                logs[k] = logs.get(k, 0.0) + v / len(micro)
         opt, settings = self.optimizers[phase], self.settings[phase]
         lr = float(opt.param_groups[0]["lr"])
         self.accelerator.unscale_gradients(optimizer=opt)

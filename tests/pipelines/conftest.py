@@ -16,12 +16,8 @@ from stepdistill.teachers import build_digits_unet
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny convolutions are ~100x slower with 2 threads on a busy 2-core machine (restored per module)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every pipelines test module runs single-threaded (see ``one_thread`` in tests/conftest.py)."""
 
 
 @pytest.fixture(scope="session")

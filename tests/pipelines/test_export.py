@@ -93,6 +93,15 @@ def _text_refs(pipe: FewStepPipeline, name: str, steps: list[int], refs: dict) -
                                               generator=torch.Generator().manual_seed(SEED)).images
 
 
+def _export_text(student, teacher_dir, out, name: str, refs: dict, spec: dict) -> None:
+    """Export ``student`` and record our 1- and 4-step samples as the references for ``name``."""
+    export_diffusers(student, teacher_dir, out, STEPS)
+    pipe = FewStepPipeline.from_generator(student, teacher_dir)
+    pipe.set_progress_bar_config(disable=True)
+    _text_refs(pipe, name, [1, 4], refs)
+    spec["text"][name] = {"dir": str(out), "runs": [[1, None], [4, None]]}
+
+
 @pytest.fixture(scope="module")
 def fresh(tmp_path_factory, sd15_dir, text_student, class_student):
     """Export everything, compute our samples, and run the fresh-process comparison once."""
@@ -115,21 +124,11 @@ def fresh(tmp_path_factory, sd15_dir, text_student, class_student):
     v_teacher = shutil.copytree(sd15_dir, root / "sd15_v_teacher")
     config_file = v_teacher / "scheduler" / "scheduler_config.json"
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "prediction_type": "v_prediction"}))
-    v_student = perturbed(load_denoiser(v_teacher), seed=3)
-    export_diffusers(v_student, v_teacher, root / "sd15_v", STEPS)
-    pipe = FewStepPipeline.from_generator(v_student, v_teacher)
-    pipe.set_progress_bar_config(disable=True)
-    _text_refs(pipe, "sd15_v", [1, 4], refs)
-    spec["text"]["sd15_v"] = {"dir": str(root / "sd15_v"), "runs": [[1, None], [4, None]]}
+    _export_text(perturbed(load_denoiser(v_teacher), seed=3), v_teacher, root / "sd15_v", "sd15_v", refs, spec)
 
     # SDXL-like (two text encoders, text_time added conditioning)
     sdxl_dir = build_tiny_sdxl(root / "sdxl_teacher")
-    xl_student = perturbed(load_denoiser(sdxl_dir), seed=4)
-    export_diffusers(xl_student, sdxl_dir, root / "sdxl", STEPS)
-    pipe = FewStepPipeline.from_generator(xl_student, sdxl_dir)
-    pipe.set_progress_bar_config(disable=True)
-    _text_refs(pipe, "sdxl", [1, 4], refs)
-    spec["text"]["sdxl"] = {"dir": str(root / "sdxl"), "runs": [[1, None], [4, None]]}
+    _export_text(perturbed(load_denoiser(sdxl_dir), seed=4), sdxl_dir, root / "sdxl", "sdxl", refs, spec)
 
     # class-conditional UNet2DModel
     export_diffusers(class_student, None, root / "class", STEPS)

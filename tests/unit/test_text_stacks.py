@@ -26,6 +26,8 @@ SPECS = {  # name -> (builder, in-memory components, pipeline class, adapter, la
     "sd3": (tiny_stacks.build_tiny_sd3, tiny_stacks.sd3_components, "StableDiffusion3Pipeline", SD3Denoiser, 16),
 }
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @dataclass
 class Stack:
@@ -40,15 +42,6 @@ class Stack:
     @property
     def backbone(self) -> torch.nn.Module:  # the pipeline's own copy, loaded separately from disk
         return self.pipe.transformer if self.name == "sd3" else self.pipe.unet
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny convolutions are much faster single-threaded (and unaffected by a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
