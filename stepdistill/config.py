@@ -31,6 +31,15 @@ def configs_dir() -> Path:
 def _register_resolvers() -> None:
     if not OmegaConf.has_resolver("asset"):
         OmegaConf.register_new_resolver("asset", lambda rel: str(ASSETS_DIR / rel))
+    if not OmegaConf.has_resolver("tiny_stack"):
+        OmegaConf.register_new_resolver("tiny_stack", _tiny_stack)
+
+
+def _tiny_stack(kind: str) -> str:
+    """``${tiny_stack:sd15}``: the path of a tiny SD stack built into the cache on first use."""
+    from stepdistill.tiny_stacks import tiny_stack_dir
+
+    return str(tiny_stack_dir(kind))
 
 
 def compose(name: str, overrides: Sequence[str] = ()) -> DictConfig:

@@ -85,8 +85,7 @@ class Generator(nn.Module):
     def grid(self, steps: int | None = None) -> Tensor:
         """Start times of the K steps, evenly spaced from ``t_max`` (DMD2: 999, 749, 499, 249)."""
         k = self.steps if steps is None else int(steps)
-        full = self.schedule.timesteps(k)[:-1]
-        return full * self.t_max if self.t_max < 1.0 else full
+        return self.schedule.timesteps(k, self.t_max)[:-1]
 
     def sample(self, noise: Tensor, cond: Conditioning, steps: int | None = None, *,
                generator: torch.Generator | None = None) -> Tensor:

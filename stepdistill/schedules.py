@@ -220,18 +220,24 @@ class NoiseSchedule:
             return t
         return self.shift * t / (1 + (self.shift - 1) * t)
 
-    def timesteps(self, n: int) -> Tensor:
+    def timesteps(self, n: int, t_max: float = 1.0) -> Tensor:
         """An inference grid of ``n`` steps: ``n + 1`` descending times, the last one 0.
 
-        VP: diffusers' "trailing" spacing on the table (n = 4 gives 999, 749, 499, 249), then 0.
-        Flow: ``shift_time(linspace(1, 0, n + 1))``.
+        VP: diffusers' "trailing" spacing on the first M = T0 + 1 table steps, T0 = round(t_max (N - 1))
+        (n = 4 gives 999, 749, 499, 249 at t_max = 1; 699, 524, 349, 174 at t_max = 0.7), then 0:
+        every time is on the table, as diffusers' schedulers need.
+        Flow: ``t_max * shift_time(linspace(1, 0, n + 1))``.
         """
         if n < 1:
             raise ValueError(f"steps must be >= 1, got {n}")
+        if not 0.0 < t_max <= 1.0:
+            raise ValueError(f"t_max must be in (0, 1], got {t_max}")
         if self.kind == "flow":
-            return self.shift_time(torch.linspace(1, 0, n + 1, dtype=torch.float64))
-        N = self.num_train_timesteps
-        steps = torch.round(torch.arange(N, 0, -N / n, dtype=torch.float64)) - 1
+            return self.shift_time(torch.linspace(1, 0, n + 1, dtype=torch.float64)) * t_max
+        top = round(t_max * (self.num_train_timesteps - 1)) + 1
+        if top < n:
+            raise ValueError(f"{n} steps do not fit below timestep {top - 1} (t_max={t_max})")
+        steps = torch.round(torch.arange(top, 0, -top / n, dtype=torch.float64)) - 1
         return torch.cat([self.from_model_time(steps), torch.zeros(1, dtype=torch.float64)])
 
     def convert(self, pred: Tensor, x_t: Tensor, t: Tensor, src: Prediction | str,

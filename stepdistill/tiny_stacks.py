@@ -12,6 +12,7 @@ sequences of ``MAX_LENGTH`` tokens. Building and one forward take well under a s
 
 from __future__ import annotations
 
+import os
 import string
 from collections import Counter
 from pathlib import Path
@@ -202,3 +203,29 @@ def build_tiny_sd3(out_dir: str | Path, seed: int = SEED, with_t5: bool = True) 
     ``StableDiffusion3Pipeline.from_pretrained(dir, text_encoder_3=None, tokenizer_3=None)``.
     """
     return _save("StableDiffusion3Pipeline", sd3_components(seed, with_t5), out_dir)
+
+
+BUILDERS = {"sd15": build_tiny_sd15, "sdxl": build_tiny_sdxl, "sd3": build_tiny_sd3}
+
+
+def tiny_stack_dir(kind: str) -> Path:
+    """The tiny ``kind`` stack (sd15 | sdxl | sd3) under the cache, built on first use (deterministic:
+    the same seed gives the same weights), so configs can name a local teacher without shipping one."""
+    import shutil
+
+    from stepdistill.cache import cache_dir
+    from stepdistill.errors import StepdistillError
+
+    if kind not in BUILDERS:
+        raise StepdistillError(f"unknown tiny stack {kind!r}; allowed: {', '.join(BUILDERS)}")
+    out = cache_dir() / "tiny_stacks" / f"{kind}-seed{SEED}"
+    if not (out / "model_index.json").is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        BUILDERS[kind](tmp)
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another process built it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out

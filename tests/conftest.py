@@ -5,6 +5,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "STEPDISTILL_CACHE" not in os.environ:  # never write into the user's cache from tests
+    import tempfile
+
+    os.environ["STEPDISTILL_CACHE"] = tempfile.mkdtemp(prefix="stepdistill-test-cache-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from stepdistill.algorithms.base import Algorithm, Batch, LossOutput, unwrap
+from stepdistill.algorithms.common import student_sample
 from stepdistill.conditioning import Conditioning
 from stepdistill.errors import StepdistillError
 from stepdistill.losses import (
@@ -23,7 +24,6 @@ from stepdistill.losses import (
     gan_generator_loss,
 )
 from stepdistill.roles import Critic, Generator, Teacher
-from stepdistill.sampling import simulate_to_step
 
 
 class DMD2(Algorithm):
@@ -126,14 +126,4 @@ class DMD2(Algorithm):
 
     def student_sample(self, cond: Conditioning, step: int, *, grad: bool) -> Tensor:
         """Generator output x0 [B, ...] for ``cond``; K-step students use backward simulation."""
-        gen = unwrap(self.generator)
-        grid = gen.grid()
-        k = 0
-        if len(grid) > 1:
-            k = int(torch.randint(len(grid), (1,), generator=self.shared_generator(step)))
-        device = next(gen.parameters()).device
-        noise = torch.randn(len(cond), *gen.denoiser.sample_shape, device=device)
-        x_k = simulate_to_step(lambda x, t: gen(x, t, cond), gen.schedule, noise, grid, k)
-        t_k = grid[k].expand(len(cond)).to(device)
-        with torch.set_grad_enabled(grad):
-            return self.generator(x_k, t_k, cond)
+        return student_sample(self.generator, cond, self.shared_generator(step), grad=grad)

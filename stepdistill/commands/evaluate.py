@@ -10,7 +10,10 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from stepdistill.commands.sample import parse_args
+from stepdistill.errors import StepdistillError
 
 KEYS = {"run": "str", "steps": "int", "num_samples": "int", "teacher_steps": "int", "batch_size": "int",
         "seed": "int"}
@@ -26,6 +29,9 @@ def evaluate_run(run_dir: Path, generator, cfg, *, steps: int | None = None, num
     from stepdistill.roles import Teacher
 
     task = build_task(cfg)
+    if getattr(task, "primary_metric", None) is None:
+        raise StepdistillError(f"the {task.name!r} task has no metrics of its own: nothing to evaluate "
+                               "(sample with `stepdistill sample run=DIR`)")
     teacher = Teacher(load_denoiser(cfg.teacher.path), cfg.teacher.guidance_scale)
     scale = cfg.algorithm.get("guidance_scale") if cfg.get("algorithm") else None
     result = evaluate_student(generator, teacher, task, steps=steps or generator.steps,
@@ -48,4 +54,5 @@ def run(overrides: Sequence[str]) -> dict:
 
     args = parse_args(overrides, KEYS, "eval")
     student = load_run(args.pop("run", None))
+    student.generator.to("cuda" if torch.cuda.is_available() else "cpu")
     return evaluate_run(student.path, student.generator, student.config, **args)

@@ -101,6 +101,8 @@ def train(cfg: DictConfig) -> TrainResult:
     trainer_cfg: TrainerConfig = instantiate(cfg.trainer)
     optim, logger = instantiate(cfg.optim), instantiate(cfg.logger)
     out = check_output_dir(cfg.output_dir, cfg.overwrite, trainer_cfg.resume)
+    _require_teacher_path(cfg)
+    _require_metrics_if_evaluating(cfg)
     task = build_task(cfg)
     algorithm = build_algorithm(cfg, trainer_cfg.seed)
     accelerator = build_accelerator(trainer_cfg, logger, out)
@@ -126,14 +128,28 @@ def train(cfg: DictConfig) -> TrainResult:
 def build_algorithm(cfg: DictConfig, seed: int) -> Algorithm:
     """teacher -> generator, critic (copies of the teacher's denoiser) -> algorithm."""
     torch.manual_seed(seed)  # any randomly initialised heads are the same on every process
-    if cfg.teacher.path is None:
-        raise StepdistillError("teacher.path is required: a local diffusers directory (teacher.path=DIR)")
+    _require_teacher_path(cfg)
     teacher = Teacher(load_denoiser(cfg.teacher.path), guidance_scale=cfg.teacher.guidance_scale)
     generator = instantiate(cfg.generator, denoiser=teacher.denoiser)
     roles: dict[str, Any] = {"teacher": teacher, "generator": generator}
     if cfg.critic is not None:
         roles["critic"] = instantiate(cfg.critic, denoiser=teacher.denoiser)
     return instantiate(cfg.algorithm, **roles)
+
+
+def _require_teacher_path(cfg: DictConfig) -> None:
+    if cfg.teacher.path is None:
+        raise StepdistillError("teacher.path is required: a local diffusers directory (teacher.path=DIR)")
+
+
+def _require_metrics_if_evaluating(cfg: DictConfig) -> None:
+    """Before anything is built: the end-of-training evaluation needs a task with metrics."""
+    from hydra.utils import get_object
+
+    task_cls = get_object(cfg.task._target_) if cfg.get("task") is not None else None
+    if cfg.evaluate.enabled and task_cls is not None and getattr(task_cls, "primary_metric", None) is None:
+        raise StepdistillError(f"the {task_cls.name!r} task has no metrics of its own: set evaluate.enabled=false "
+                               "(and sample with `stepdistill sample run=DIR`)")
 
 
 def check_output_dir(path: str | None, overwrite: bool, resume: str | None) -> Path:

@@ -82,6 +82,7 @@ class PromptEncoder(nn.Module):
         """Load the tokenizer(s) and text encoder(s) of a local diffusers pipeline directory."""
         import transformers
 
+        transformers.utils.logging.disable_progress_bar()  # no per-load bars on stderr
         root = resolve_local_dir(path, "text encoder")
         stack = detect_stack(root)
         index_file = root / "model_index.json"
@@ -184,3 +185,35 @@ def _component_class(index: dict, name: str, default: str) -> str:
     """The transformers class ``model_index.json`` names for a component (e.g. CLIPTextModel)."""
     entry = index.get(name)
     return entry[1] if isinstance(entry, list) and len(entry) == 2 and entry[1] else default
+
+
+class PromptData:
+    """Training prompts for data-free distillation: a text file (one prompt per line; blank lines
+    and lines starting with ``#`` skipped) or an inline list.
+
+    Args:
+        file: path of the prompt file.
+        prompts: the prompts themselves (instead of ``file``).
+    """
+
+    def __init__(self, file: str | None = None, prompts: list[str] | None = None) -> None:
+        if (file is None) == (prompts is None):
+            raise StepdistillError("data needs exactly one of data.file=<prompts.txt> and data.prompts=[...]")
+        if file is not None:
+            path = Path(str(file)).expanduser()
+            if not path.is_file():
+                raise StepdistillError(f"prompt file not found: {str(path)!r} (one prompt per line; "
+                                       "set data.file=<path>)")
+            lines = [line.strip() for line in path.read_text().splitlines()]
+            prompts = [line for line in lines if line and not line.startswith("#")]
+        self.prompts = [str(p) for p in prompts or []]
+        if not self.prompts:
+            raise StepdistillError("the prompt list is empty: give at least one prompt")
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def draw(self, n: int, generator: torch.Generator) -> list[str]:
+        """``n`` prompts drawn uniformly with replacement (the same on every process for one generator)."""
+        index = torch.randint(len(self.prompts), (n,), generator=generator)
+        return [self.prompts[i] for i in index.tolist()]

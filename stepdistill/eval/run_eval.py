@@ -18,14 +18,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from stepdistill.cache import cache_dir
 from stepdistill.conditioning import Conditioning
 from stepdistill.roles import Generator, Teacher
 
 Sampler = Callable[[Tensor, Conditioning], Tensor]  # (noise, cond) -> x0
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("STEPDISTILL_CACHE", Path.home() / ".cache" / "stepdistill"))
 
 
 def teacher_fingerprint(teacher: Teacher) -> str:
@@ -56,14 +53,21 @@ def throughput(sampler: Sampler, shape: Sequence[int], null_class: int, batch_si
     sampler(noise, cond)
     best = float("inf")
     for _ in range(repeats):
+        _synchronize(device)
         start = time.perf_counter()
         sampler(noise, cond)
+        _synchronize(device)
         best = min(best, time.perf_counter() - start)
     return batch_size / best
 
 
+def _synchronize(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def teacher_row(teacher: Teacher, task, labels: Tensor, steps: int, guidance_scale: float, seed: int,
-                batch_size: int) -> dict:
+                batch_size: int, device: torch.device | str = "cpu") -> dict:
     """The teacher's metrics at ``steps`` (from the cache when this exact evaluation ran before)."""
     key_src = json.dumps({"teacher": teacher_fingerprint(teacher), "task": task.name, "n": len(labels),
                           "labels": hashlib.sha256(labels.numpy().tobytes()).hexdigest()[:16],
@@ -73,7 +77,7 @@ def teacher_row(teacher: Teacher, task, labels: Tensor, steps: int, guidance_sca
         metrics = json.loads(path.read_text())["metrics"]
     else:
         sampler = teacher_sampler(teacher, steps, guidance_scale)
-        samples = generate(sampler, task.sample_shape, labels, task.null_class, seed, batch_size)
+        samples = generate(sampler, task.sample_shape, labels, task.null_class, seed, batch_size, device)
         metrics = task.metrics(samples, labels)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -109,21 +113,48 @@ def evaluate_student(generator: Generator, teacher: Teacher, task, *, steps: int
     scale = teacher.guidance_scale if guidance_scale is None else float(guidance_scale)
     labels = task.eval_labels(num_samples)
     generator = generator.eval()
+    device = next(generator.parameters()).device
+    teacher = teacher.to(device)  # both on the student's device: same-place samples and speeds
     start = time.perf_counter()
     x_student = student_samples(generator, labels, task.null_class, steps, seed, batch_size)
     wall = time.perf_counter() - start
     student = lambda noise, cond: generator.sample(noise, cond, steps)  # noqa: E731 (throughput only)
     s_row = {"steps": steps, "nfe": steps, "metrics": task.metrics(x_student, labels),
-             "samples_per_s": round(throughput(student, task.sample_shape, task.null_class, batch_size), 1),
+             "samples_per_s": round(throughput(student, task.sample_shape, task.null_class, batch_size,
+                                               device), 1),
              "sampling_wall_s": round(wall, 2)}
     teacher_fn = teacher_sampler(teacher, teacher_steps, scale)
-    t_row = teacher_row(teacher, task, labels, teacher_steps, scale, seed, batch_size)
+    t_row = teacher_row(teacher, task, labels, teacher_steps, scale, seed, batch_size, device)
     t_row["samples_per_s"] = round(throughput(teacher_fn, task.sample_shape, task.null_class,
-                                              batch_size, repeats=1), 1)
-    curve = [teacher_row(teacher, task, labels, k, scale, seed, batch_size) for k in teacher_curve]
+                                              batch_size, device, repeats=1), 1)
+    speed = speed_vs_cfg_teacher(teacher, task, s_row, t_row, teacher_steps, scale, batch_size, device)
+    curve = [teacher_row(teacher, task, labels, k, scale, seed, batch_size, device) for k in teacher_curve]
     shown = labels[:grid_size]  # the picture: teacher and student on the same noise and labels
     pictures = {f"teacher {teacher_steps} steps": generate(teacher_fn, task.sample_shape, shown,
-                                                           task.null_class, seed, batch_size),
+                                                           task.null_class, seed, batch_size, device),
                 f"student {steps} step{'s' if steps > 1 else ''}": x_student[:grid_size]}
     return {"student": s_row, "teacher": t_row, "teacher_curve": curve, "reference": task.reference(labels),
-            "pictures": pictures, "picture_labels": shown}
+            "speed": speed, "pictures": pictures, "picture_labels": shown}
+
+
+#: the CFG scale of the speed comparison when the teacher's own scale is 1 (any s != 1 costs two passes)
+SPEED_CFG_SCALE = 2.0
+
+
+def speed_vs_cfg_teacher(teacher: Teacher, task, s_row: dict, t_row: dict, steps: int, scale: float,
+                         batch_size: int, device) -> dict:
+    """The student's sampling speedup over the teacher at ``steps`` steps WITH classifier-free
+    guidance (two network passes per step), divided by their NFE ratio (1.0 = the ideal: each network
+    evaluation costs the same; below 1 the student's sampler has overhead). Same batch, same process."""
+    cfg_scale = scale if scale != 1.0 else SPEED_CFG_SCALE
+    if cfg_scale == scale:
+        cfg_sps = t_row["samples_per_s"]
+    else:
+        cfg_sps = round(throughput(teacher_sampler(teacher, steps, cfg_scale), task.sample_shape, task.null_class,
+                                   batch_size, device, repeats=1), 1)
+    nfe = teacher.nfe(steps, cfg_scale)
+    speedup = s_row["samples_per_s"] / cfg_sps
+    return {"batch_size": batch_size, "device": str(device),
+            "teacher_cfg": {"steps": steps, "guidance_scale": cfg_scale, "nfe": nfe, "samples_per_s": cfg_sps},
+            "speedup": round(speedup, 1), "nfe_ratio": nfe / s_row["nfe"],
+            "speedup_over_nfe_ratio": round(speedup / (nfe / s_row["nfe"]), 3)}

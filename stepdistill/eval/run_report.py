@@ -14,7 +14,7 @@ def write_metrics(run_dir: Path, result: dict, *, experiment: str, algorithm: st
     metrics = {"experiment": experiment, "algorithm": algorithm, "dataset": dataset,
                "student": result["student"], "teacher": result["teacher"],
                "reference": result["reference"], "train": train or {},
-               "teacher_curve": result["teacher_curve"]}
+               "teacher_curve": result["teacher_curve"], "speed": result.get("speed")}
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
@@ -47,6 +47,7 @@ def write_report(run_dir: Path, metrics: dict, result: dict, task) -> Path:
             markdown_table(rows, columns),
             f"Training: {train.get('iterations', '?')} iterations in {train.get('wall_s', '?')} s, "
             f"{train.get('skipped_nonfinite', 0)} non-finite steps skipped.", "",
+            *_speed_lines(metrics.get("speed")),
             "![samples](samples_teacher_vs_student.png)", "", f"![{key} vs NFE]({key}_vs_nfe.png)", ""]
     if has_losses:
         text += ["![losses](losses.png)", ""]
@@ -78,3 +79,13 @@ def plot_phase_losses(log_file: Path, path: Path) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def _speed_lines(speed: dict | None) -> list[str]:
+    if not speed:
+        return []
+    cfg = speed["teacher_cfg"]
+    return [f"Sampling speed (batch {speed['batch_size']}, {speed['device']}): the student is "
+            f"**{speed['speedup']}x** faster than the teacher at {cfg['steps']} steps with CFG {cfg['guidance_scale']} "
+            f"({cfg['samples_per_s']} samples/s, NFE {cfg['nfe']}); NFE ratio {speed['nfe_ratio']:g}, "
+            f"speedup / NFE ratio = **{speed['speedup_over_nfe_ratio']}**.", ""]

@@ -125,3 +125,41 @@ class DigitsTask:
         from stepdistill.eval.report import image_grid
 
         image_grid(rows, labels, path)
+
+
+class PromptTask:
+    """Text-to-image distillation from prompts alone (data-free DMD2 / SiD): conditions, no images.
+
+    Its training batches are ``Batch(cond=<the prompts' embeddings>, x0=None)``, encoded as the
+    teacher pipeline's ``encode_prompt`` does (``PromptEncoder``) on this process's device. It has no
+    metrics of its own: FID / CLIP score on COCO-style prompt sets belong to the evaluation scripts,
+    so its experiments set ``evaluate.enabled: false``; sample with ``stepdistill sample run=DIR``.
+
+    Args:
+        data: the training prompts.
+        text_encoder: the local diffusers pipeline directory whose tokenizers / text encoders to use
+            (the teacher's, ``${teacher.path}``).
+        negative_prompt: the null condition for CFG ("" = the pipeline's default).
+    """
+
+    name = "prompts"
+    primary_metric = None
+
+    def __init__(self, data, text_encoder: str, negative_prompt: str = "") -> None:
+        from stepdistill.data.prompts import PromptEncoder
+
+        self.data = data
+        self.encoder = PromptEncoder.from_pretrained(text_encoder)
+        self.negative_prompt = str(negative_prompt)
+        self._placed = False
+
+    def train_batch(self, n: int, generator: torch.Generator):
+        """The global batch for one step: ``n`` prompts drawn with ``generator``, encoded."""
+        from stepdistill.algorithms.base import Batch
+
+        if not self._placed:  # each process encodes on its own accelerator
+            from accelerate import PartialState
+
+            self.encoder.to(PartialState().device)
+            self._placed = True
+        return Batch(cond=self.encoder.encode(self.data.draw(n, generator), self.negative_prompt), x0=None)

@@ -45,14 +45,20 @@ the global RNG and multi-step samples cannot be reproduced per seed.
 
 Class-conditional students (``UNet2DModel``) have no diffusers pipeline that takes class labels, so
 the export is ``unet/`` + ``scheduler/`` (the same LCM config) and the rule. One step from
-``x_T = randn([B, C, H, W], generator)`` at timestep T = N - 1 (999)::
+``x_T = randn([B, C, H, W], generator)`` at the generator's first timestep T0 = round(t_max (N - 1))
+(999 for t_max = 1; 699 for the digits students, t_max = 0.7)::
 
-    eps_hat = unet(x_T, T, class_labels=labels).sample
-    x0 = (x_T - sqrt(1 - abar[T]) * eps_hat) / sqrt(abar[T])          # v: sqrt(abar) x_T - sqrt(1 - abar) v
+    eps_hat = unet(x_T, T0, class_labels=labels).sample
+    x0 = (x_T - sqrt(1 - abar[T0]) * eps_hat) / sqrt(abar[T0])        # v: sqrt(abar) x_T - sqrt(1 - abar) v
 
 with ``abar = LCMScheduler.from_pretrained(out_dir, subfolder="scheduler").alphas_cumprod``; x0 is
 the image in [-1, 1]. K steps: ``scheduler.set_timesteps(K)`` and the usual loop
 ``x = scheduler.step(unet(x, t, class_labels=labels).sample, t, x, generator=generator).prev_sample``.
+
+Generators that start below pure-noise time (t_max < 1: x_T is standard normal noise given to the
+network as timestep T0) keep the same rules: the scheduler's ``original_inference_steps`` is T0 + 1,
+so LCM's default K-step selection starts at T0 (``lcm_original_steps``); for t_max <= 0.5 LCM cannot
+express that and the export's notes give the grid to pass as ``timesteps=``.
 """
 
 from __future__ import annotations
@@ -81,11 +87,12 @@ CLASS_BACKBONES = ("UNet2DModel",)
 
 # --------------------------------------------------------------------------- the scheduler
 def few_step_scheduler(schedule: NoiseSchedule, base_config: dict | None = None,
-                       prediction: Prediction | str | None = None) -> Any:
+                       prediction: Prediction | str | None = None, t_max: float = 1.0) -> Any:
     """The diffusers scheduler whose ``step`` is the generator's re-noising step (module docstring).
 
     VP: ``LCMScheduler`` on the teacher's table (``base_config``'s beta fields, else the schedule's
-    own betas), ``original_inference_steps = N``, ``timestep_scaling = 1e6``. Flow: the teacher's
+    own betas), ``original_inference_steps`` = ``lcm_original_steps`` (N for a generator starting
+    at t_max = 1), ``timestep_scaling = 1e6``. Flow: the teacher's
     ``FlowMatchEulerDiscreteScheduler`` with ``stochastic_sampling=True`` (x0 = x - sigma v, then
     re-noised to the next sigma with fresh noise).
     """
@@ -100,7 +107,8 @@ def few_step_scheduler(schedule: NoiseSchedule, base_config: dict | None = None,
         raise StepdistillError("a flow-prediction backbone needs a flow schedule")
     n = schedule.num_train_timesteps
     # steps_offset is unused by LCM; 1 keeps the SD pipelines from warning and rewriting the config
-    overrides = dict(num_train_timesteps=n, original_inference_steps=n, timestep_scaling=TIMESTEP_SCALING,
+    overrides = dict(num_train_timesteps=n, original_inference_steps=lcm_original_steps(schedule, t_max),
+                     timestep_scaling=TIMESTEP_SCALING,
                      prediction_type=prediction.to_diffusers(), clip_sample=False, thresholding=False,
                      set_alpha_to_one=True, steps_offset=1, timestep_spacing="trailing")
     scheduler = LCMScheduler.from_config({**_fit(LCMScheduler, base_config or {}), **overrides})
@@ -111,17 +119,27 @@ def few_step_scheduler(schedule: NoiseSchedule, base_config: dict | None = None,
     return scheduler
 
 
-def lcm_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
-    """The timesteps ``LCMScheduler(original_inference_steps=N).set_timesteps(K)`` selects."""
+def lcm_original_steps(schedule: NoiseSchedule, t_max: float = 1.0) -> int:
+    """LCM's ``original_inference_steps`` M whose default selection starts at the generator's first
+    timestep T0 = round(t_max (N - 1)): M = T0 + 1 when N // M == 1 (LCM's training grid is then
+    0..M-1), else N (t_max <= 0.5: pass the grid as ``timesteps=``)."""
+    n = schedule.num_train_timesteps
+    top = round(t_max * (n - 1)) + 1
+    return top if n // top == 1 else n
+
+
+def lcm_timesteps(num_train_timesteps: int, steps: int, original_steps: int | None = None) -> list[int]:
+    """The timesteps ``LCMScheduler(original_inference_steps=M).set_timesteps(K)`` selects (M = N by default)."""
     n = int(num_train_timesteps)
-    return [n - 1 - (i * n) // steps for i in range(steps)]
+    m = n if original_steps is None else int(original_steps)
+    k = n // m
+    return [(m - (i * m) // steps) * k - 1 for i in range(steps)]
 
 
 def generator_timesteps(schedule: NoiseSchedule, steps: int, t_max: float = 1.0) -> list[int] | list[float]:
     """The backbone timesteps of a ``Generator``'s K-step grid (``Generator.grid``): integers for VP
     tables (when the grid is on the table), floats otherwise."""
-    grid = schedule.timesteps(steps)[:-1]
-    grid = grid * t_max if t_max < 1.0 else grid
+    grid = schedule.timesteps(steps, t_max)[:-1]
     values = [float(v) for v in schedule.to_model_time(grid)]
     if schedule.kind == "vp" and all(abs(v - round(v)) < 1e-6 for v in values):
         return [int(round(v)) for v in values]
@@ -244,9 +262,6 @@ def export_diffusers(student: Generator | str | Path, teacher_dir: str | Path | 
     """
     info = _student_from_generator(student) if isinstance(student, Generator) else _student_from_dir(student)
     steps = int(steps or info.steps)
-    if info.t_max != 1.0:
-        raise StepdistillError(f"the generator starts at t_max={info.t_max}, not 1: diffusers' schedulers "
-                               "start from pure noise at the last timestep, so it cannot be exported yet")
     if info.class_name not in TEXT_BACKBONES + CLASS_BACKBONES + ("SD3Transformer2DModel",):
         raise StepdistillError(f"cannot export a {info.class_name} student to diffusers: supported backbones "
                                f"are {', '.join(TEXT_BACKBONES + CLASS_BACKBONES)}")
@@ -267,7 +282,7 @@ def export_diffusers(student: Generator | str | Path, teacher_dir: str | Path | 
         else:
             pipeline = None
             info.write_unet(tmp / "unet")
-        scheduler = few_step_scheduler(info.schedule, info.base_scheduler_config, info.prediction)
+        scheduler = few_step_scheduler(info.schedule, info.base_scheduler_config, info.prediction, info.t_max)
         scheduler.save_config(tmp / "scheduler")
         _write_notes(tmp, out, info, pipeline, steps)
         _replace_dir(tmp, out)
@@ -311,18 +326,20 @@ def _write_text_export(info: _Student, teacher_dir: str | Path | None, tmp: Path
 
 def _write_notes(tmp: Path, out: Path, info: _Student, pipeline: str | None, steps: int) -> None:
     n = info.schedule.num_train_timesteps
-    grids = {str(k): generator_timesteps(info.schedule, k) for k in range(1, 9)}
-    exact = [k for k in range(1, 9) if lcm_timesteps(n, k) == grids[str(k)]]
+    m = lcm_original_steps(info.schedule, info.t_max)
+    grids = {str(k): generator_timesteps(info.schedule, k, info.t_max) for k in range(1, 9)}
+    exact = [k for k in range(1, 9) if lcm_timesteps(n, k, m) == grids[str(k)]]
     notes = {
         "format": "diffusers", "pipeline": pipeline, "backbone": info.class_name, "steps": steps,
         "guidance_scale": GUIDANCE_SCALE, "scheduler": "LCMScheduler",
-        "prediction_type": info.prediction.to_diffusers(), "num_train_timesteps": n,
+        "prediction_type": info.prediction.to_diffusers(), "num_train_timesteps": n, "t_max": info.t_max,
+        "original_inference_steps": m,
         "timesteps": grids, "default_timesteps_exact_for_steps": exact,
         "rng": "initial noise randn([B, C, H, W], generator) first, then one randn per re-noising step",
     }
     (tmp / MARKER).write_text(json.dumps(notes, indent=2) + "\n")
-    grid = grids.get(str(steps), generator_timesteps(info.schedule, steps))
-    exact_here = lcm_timesteps(n, steps) == grid
+    grid = grids.get(str(steps), generator_timesteps(info.schedule, steps, info.t_max))
+    exact_here = lcm_timesteps(n, steps, m) == grid
     timesteps_arg = "" if exact_here else f", timesteps={grid}"
     set_arg = str(steps) if exact_here else f"timesteps={grid}"
     if pipeline is not None:
@@ -346,8 +363,9 @@ def _write_notes(tmp: Path, out: Path, info: _Student, pipeline: str | None, ste
                  "for t in scheduler.timesteps:\n"
                  "    x = scheduler.step(unet(x, t, class_labels=labels).sample, t, x, generator=g).prev_sample\n"
                  "images = (x / 2 + 0.5).clamp(0, 1)\n```\n\n"
-                 "One step by hand: `x0 = (x_T - sqrt(1 - abar[999]) * eps) / sqrt(abar[999])` with "
-                 "`abar = scheduler.alphas_cumprod` and `eps = unet(x_T, 999, class_labels=labels).sample`.\n")
+                 f"One step by hand: `x0 = (x_T - sqrt(1 - abar[{grid[0]}]) * eps) / sqrt(abar[{grid[0]}])` with "
+                 f"`abar = scheduler.alphas_cumprod`, `x_T` the standard normal noise (as drawn above) and "
+                 f"`eps = unet(x_T, {grid[0]}, class_labels=labels).sample`.\n")
     (tmp / "README.md").write_text(
         f"# Few-step generator exported by stepdistill\n\n{info.class_name} student, {steps} steps "
         f"(timesteps {grid}), prediction `{info.prediction.to_diffusers()}`.\n\n{usage}")

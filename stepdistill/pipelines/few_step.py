@@ -192,7 +192,8 @@ class FewStepPipeline(DiffusionPipeline):
         backbone = getattr(generator.denoiser.backbone, "module", generator.denoiser.backbone)
         base = getattr(generator.denoiser, "scheduler_config", None)
         parts: dict[str, Any] = {model_subfolder(backbone): backbone,
-                                 "scheduler": few_step_scheduler(generator.schedule, base, generator.denoiser.prediction)}
+                                 "scheduler": few_step_scheduler(generator.schedule, base, generator.denoiser.prediction,
+                                                                 generator.t_max)}
         if teacher_dir is not None:
             parts.update(load_text_components(teacher_dir))
         parts.update(components)

@@ -64,6 +64,8 @@ class TaskBatches:
 
     def __call__(self, step: int, size: int) -> Batch:
         g = torch.Generator().manual_seed(self.seed * 1_000_033 + 7919 * step + 1)
+        if hasattr(self.task, "train_batch"):  # tasks with their own conditions (prompts)
+            return self.task.train_batch(size, g)
         x0, labels = self.task.batch(size, g)
         return Batch(cond=Conditioning.labels(labels, self.task.null_class), x0=x0)
 
@@ -260,7 +262,7 @@ class Trainer:
         acc, cfg = self.accelerator, self.config
         out = [MetricsLog(acc, self.output_dir / "logs.jsonl", cfg.log_every, start_step),
                Progress(cfg.max_steps, start_step, cfg.progress and acc.is_main_process)]
-        if self.task is not None:
+        if self.task is not None and hasattr(self.task, "save_samples_figure"):
             out.append(SampleGrid(acc, self.task, self.sampling_generator, self.output_dir / "samples",
                                   cfg.sample_every, cfg.num_samples, cfg.seed))
         return out

@@ -23,6 +23,11 @@ def test_one_step_dmd2_student_matches_the_teacher(tmp_path, monkeypatch):
     assert metrics["train"]["iterations"] == 3000 and metrics["train"]["skipped_nonfinite"] == 0
     assert set(metrics["reference"]) == {"swd", "mmd", "mode_coverage", "class_accuracy"}
     assert student["samples_per_s"] > 10 * teacher["samples_per_s"]
+    speed = metrics["speed"]  # vs the 100-step teacher WITH CFG (scale 2: two passes per step)
+    assert speed["teacher_cfg"] == {**speed["teacher_cfg"], "steps": 100, "guidance_scale": 2.0, "nfe": 200}
+    assert speed["nfe_ratio"] == 200 and speed["batch_size"] == 256
+    assert speed["speedup_over_nfe_ratio"] == round(
+        student["samples_per_s"] / speed["teacher_cfg"]["samples_per_s"] / 200, 3)
     report = (out / "report.md").read_text()
     for picture in ("samples_teacher_vs_student.png", "swd_vs_nfe.png", "losses.png"):
         assert picture in report and (out / picture).stat().st_size > 0

@@ -28,7 +28,8 @@ from stepdistill.pipelines import (
     few_step_scheduler,
     lcm_timesteps,
 )
-from stepdistill.pipelines.export import generator_timesteps
+from stepdistill.pipelines.export import generator_timesteps, lcm_original_steps
+from stepdistill.roles import Generator
 
 IMAGE_ATOL = 1e-4
 RAW_RTOL = 1e-5
@@ -63,24 +64,26 @@ for name, case in spec["text"].items():
                        output_type=kind, **extra).images
             out[f"{key}/{kind}"] = diff(got, refs[f"{name}/{k}/{kind}"])
 
-case = spec["class"]
-unet = UNet2DModel.from_pretrained(case["dir"] + "/unet")
-scheduler = LCMScheduler.from_pretrained(case["dir"] + "/scheduler")
-labels = torch.tensor(spec["labels"])
-shape = (len(labels), unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-with torch.no_grad():
-    x_T = torch.randn(shape, generator=torch.Generator().manual_seed(spec["seed"]))
-    T = scheduler.config.num_train_timesteps - 1
-    abar = scheduler.alphas_cumprod[T]
-    eps = unet(x_T, T, class_labels=labels).sample
-    out["class/1/rule"] = diff((x_T - (1 - abar).sqrt() * eps) / abar.sqrt(), refs["class/1/latent"])
-    for k in case["steps"]:
-        g = torch.Generator().manual_seed(spec["seed"])
-        x = torch.randn(shape, generator=g)
-        scheduler.set_timesteps(k)
-        for t in scheduler.timesteps:
-            x = scheduler.step(unet(x, t, class_labels=labels).sample, t, x, generator=g).prev_sample
-        out[f"class/{k}/scheduler"] = diff(x, refs[f"class/{k}/latent"])
+for name, case in spec["class"].items():
+    unet = UNet2DModel.from_pretrained(case["dir"] + "/unet")
+    scheduler = LCMScheduler.from_pretrained(case["dir"] + "/scheduler")
+    labels = torch.tensor(spec["labels"])
+    shape = (len(labels), unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    with torch.no_grad():
+        x_T = torch.randn(shape, generator=torch.Generator().manual_seed(spec["seed"]))
+        # the documented one-step rule: T0 = round(t_max (N - 1))
+        T = round(case["t_max"] * (scheduler.config.num_train_timesteps - 1))
+        abar = scheduler.alphas_cumprod[T]
+        eps = unet(x_T, T, class_labels=labels).sample
+        out[f"{name}/1/rule"] = diff((x_T - (1 - abar).sqrt() * eps) / abar.sqrt(), refs[f"{name}/1/latent"])
+        for k in case["steps"]:
+            g = torch.Generator().manual_seed(spec["seed"])
+            x = torch.randn(shape, generator=g)
+            scheduler.set_timesteps(k)
+            out[f"{name}/{k}/timesteps"] = scheduler.timesteps.tolist()
+            for t in scheduler.timesteps:
+                x = scheduler.step(unet(x, t, class_labels=labels).sample, t, x, generator=g).prev_sample
+            out[f"{name}/{k}/scheduler"] = diff(x, refs[f"{name}/{k}/latent"])
 assert not loaded(), loaded()
 print(json.dumps(out))
 """
@@ -130,13 +133,16 @@ def fresh(tmp_path_factory, sd15_dir, text_student, class_student):
     sdxl_dir = build_tiny_sdxl(root / "sdxl_teacher")
     _export_text(perturbed(load_denoiser(sdxl_dir), seed=4), sdxl_dir, root / "sdxl", "sdxl", refs, spec)
 
-    # class-conditional UNet2DModel
-    export_diffusers(class_student, None, root / "class", STEPS)
-    pipe = FewStepPipeline.from_generator(class_student)
-    for k in (1, 2, 4):
-        refs[f"class/{k}/latent"] = pipe(class_labels=LABELS, num_inference_steps=k, output_type="latent",
-                                         generator=torch.Generator().manual_seed(SEED)).images
-    spec["class"] = {"dir": str(root / "class"), "steps": [1, 2, 4]}
+    # class-conditional UNet2DModel, from pure noise (t_max = 1) and from timestep 699 (t_max = 0.7)
+    spec["class"] = {}
+    late = Generator(class_student.denoiser, steps=STEPS, t_max=0.7, copy=False)
+    for name, student in (("class", class_student), ("class07", late)):
+        export_diffusers(student, None, root / name, STEPS)
+        pipe = FewStepPipeline.from_generator(student)
+        for k in (1, 2, 4):
+            refs[f"{name}/{k}/latent"] = pipe(class_labels=LABELS, num_inference_steps=k, output_type="latent",
+                                              generator=torch.Generator().manual_seed(SEED)).images
+        spec["class"][name] = {"dir": str(root / name), "steps": [1, 2, 4], "t_max": student.t_max}
 
     torch.save(refs, root / "refs.pt")
     (root / "spec.json").write_text(json.dumps(spec))
@@ -174,10 +180,21 @@ def test_three_steps_need_the_explicit_grid(fresh):
     assert _close(results["sd15/3/timesteps/latent"], "latent") and _close(results["sd15/3/timesteps/pt"], "pt")
 
 
-@pytest.mark.parametrize("key", ["class/1/rule", "class/1/scheduler", "class/2/scheduler", "class/4/scheduler"])
-def test_class_export_reproduces_our_samples(fresh, key):
-    result = fresh["results"][key]
+@pytest.mark.parametrize("name", ["class", "class07"])
+@pytest.mark.parametrize("key", ["1/rule", "1/scheduler", "2/scheduler", "4/scheduler"])
+def test_class_export_reproduces_our_samples(fresh, name, key):
+    result = fresh["results"][f"{name}/{key}"]
     assert _close(result, "latent"), result
+
+
+def test_late_start_export_selects_timesteps_below_699(fresh):
+    """t_max = 0.7: LCM's default selection is the generator's grid 699, 524, 349, 174 (not 999, ...)."""
+    results = fresh["results"]
+    assert results["class07/1/timesteps"] == [699] and results["class07/4/timesteps"] == [699, 524, 349, 174]
+    assert results["class/4/timesteps"] == [999, 749, 499, 249]
+    notes = json.loads((fresh["root"] / "class07" / "stepdistill_export.json").read_text())
+    assert notes["original_inference_steps"] == 700 and notes["timesteps"]["1"] == [699]
+    assert "abar[699]" in (fresh["root"] / "class07" / "README.md").read_text()
 
 
 def test_export_directory_contents(fresh):
@@ -207,6 +224,21 @@ def test_lcm_timestep_selection_vs_our_trailing_grid(class_student, steps):
     assert float(c_skip) < 1e-15 and float(c_out) == pytest.approx(1.0, abs=1e-7)
 
 
+@pytest.mark.parametrize("t_max,original,steps", [(1.0, 1000, (1, 5)), (0.7, 700, (1, 5)), (0.625, 625, (1, 5)),
+                                                    (0.5, 501, (1, 3)), (0.3, 1000, (1, 5))])
+def test_lcm_original_steps_start_the_selection_at_the_generators_first_timestep(class_student, t_max, original,
+                                                                                 steps):
+    """With M = T0 + 1 > N / 2 LCM's default K-step selection is the generator's grid (for K dividing M);
+    below that LCM's training grid skips timesteps, so the grid must be passed as timesteps=."""
+    assert lcm_original_steps(class_student.schedule, t_max) == original
+    scheduler = few_step_scheduler(class_student.schedule, class_student.denoiser.scheduler_config, t_max=t_max)
+    for k in steps:
+        scheduler.set_timesteps(k)
+        ours = generator_timesteps(class_student.schedule, k, t_max)
+        assert scheduler.timesteps.tolist() == lcm_timesteps(1000, k, original)
+        assert (scheduler.timesteps.tolist() == ours) == (t_max >= 0.5)
+
+
 def test_scheduler_table_is_the_teachers(text_student, class_student):
     for student in (text_student, class_student):
         scheduler = few_step_scheduler(student.schedule, student.denoiser.scheduler_config)
@@ -223,9 +255,6 @@ def test_export_refuses_what_it_cannot_do(tmp_path, text_student, class_student)
 
     with pytest.raises(StepdistillError, match="needs the teacher directory"):
         export_diffusers(text_student, None, tmp_path / "a")
-    late = Generator(class_student.denoiser, steps=1, t_max=0.625, copy=False)
-    with pytest.raises(StepdistillError, match="t_max=0.625"):
-        export_diffusers(late, None, tmp_path / "b")
     toy = Generator(ToyDenoiser(ToyMLP(num_classes=NUM_CLASSES, hidden=8, layers=1),
                                 NoiseSchedule.vp("linear", 1000, 1e-4, 0.02), "eps"), copy=False)
     with pytest.raises(StepdistillError, match="cannot export a ToyMLP"):

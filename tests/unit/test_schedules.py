@@ -126,6 +126,21 @@ def test_vp_grid_is_diffusers_trailing_spacing():
         torch.testing.assert_close(s.to_model_time(grid[:-1]).round().long(), sch.timesteps.long())
 
 
+def test_late_start_grid_is_trailing_spacing_on_the_table_below_t_max():
+    """t_max < 1: the grid is on the integer table, from T0 = round(t_max * 999) (DDPM trailing spacing
+    over the first T0 + 1 steps), so diffusers' schedulers can run it; flow grids scale by t_max."""
+    s = NoiseSchedule.vp()
+    model = s.to_model_time(s.timesteps(4, t_max=0.7)).tolist()
+    assert [round(v, 9) for v in model] == [699, 524, 349, 174, 0]
+    assert s.to_model_time(s.timesteps(1, t_max=0.625))[0].item() == pytest.approx(624)
+    flow = NoiseSchedule.flow(shift=3.0)
+    torch.testing.assert_close(flow.timesteps(4, t_max=0.5), flow.timesteps(4) * 0.5)
+    with pytest.raises(ValueError, match="t_max must be in"):
+        s.timesteps(2, t_max=0.0)
+    with pytest.raises(ValueError, match="do not fit below timestep"):
+        s.timesteps(8, t_max=0.005)
+
+
 def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="beta schedule"):
         NoiseSchedule.vp("cubic")
