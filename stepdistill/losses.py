@@ -56,3 +56,114 @@ def gan_generator_loss(logits_fake: Tensor) -> Tensor:
 def gan_discriminator_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
     """Discriminator loss ``softplus(D(fake)) + softplus(-D(real))`` per sample (DMD2 Eq. 6)."""
     return F.softplus(logits_fake.float()) + F.softplus(-logits_real.float())
+
+
+# ----------------------------------------------------------------- f-distill (Xu et al. 2025)
+def _h_reverse_kl(r: Tensor) -> Tensor:
+    return torch.ones_like(r)
+
+
+def _h_forward_kl(r: Tensor) -> Tensor:
+    return r
+
+
+def _h_js(r: Tensor) -> Tensor:
+    return r / (1 + r)
+
+
+def _h_softened_reverse_kl(r: Tensor) -> Tensor:
+    return 1 / (1 + r)
+
+
+def _h_jeffreys(r: Tensor) -> Tensor:
+    return 1 + r
+
+
+def _h_squared_hellinger(r: Tensor) -> Tensor:
+    return r.sqrt()
+
+
+def _h_neyman_chi2(r: Tensor) -> Tensor:
+    return 1 / r
+
+
+#: f-divergence name -> its weighting function h(r) = r^2 f''(r) (f-distill, Xu et al. 2025, Eq. 9),
+#: up to a constant factor (h is normalised by its batch mean before use). "reverse_kl" (h = 1) is DMD.
+F_DIVERGENCES = {
+    "reverse_kl": _h_reverse_kl,
+    "forward_kl": _h_forward_kl,
+    "js": _h_js,
+    "softened_reverse_kl": _h_softened_reverse_kl,
+    "jeffreys": _h_jeffreys,
+    "squared_hellinger": _h_squared_hellinger,
+    "neyman_chi2": _h_neyman_chi2,
+}
+
+
+def f_divergence_weight(r: Tensor, divergence: str) -> Tensor:
+    """The f-distill weight ``h(r)`` of the distribution-matching gradient (Xu et al. 2025, Eq. 9:
+    ``grad_theta D_f = E[h(r) (score_fake - score_real) dx/dtheta]`` with ``h(r) = r^2 f''(r)``).
+
+    Args:
+        r: [B] density ratios ``p_teacher(x_t) / p_generator(x_t)`` (positive).
+        divergence: a key of ``F_DIVERGENCES``.
+    Returns:
+        [B] weights h(r).
+    Raises:
+        ValueError: ``divergence`` is not a key of ``F_DIVERGENCES``.
+    """
+    if divergence not in F_DIVERGENCES:
+        raise ValueError(f"unknown f-divergence {divergence!r}; allowed: {', '.join(F_DIVERGENCES)}")
+    return F_DIVERGENCES[divergence](r)
+
+
+def density_ratio(logits: Tensor, logit_clamp: float = 10.0, r_min: float = 0.1, r_max: float = 20.0) -> Tensor:
+    """The density ratio ``r = p_teacher / p_generator`` from discriminator logits, without gradient.
+
+    A discriminator trained with the logistic loss (DMD2 Eq. 6) has the optimal logit
+    ``log p_real(x_t) - log p_fake(x_t)`` (Goodfellow et al. 2014, Prop. 1), so ``r = exp(logit)``
+    (f-distill, Xu et al. 2025, which estimates r with DMD2's GAN discriminator). Clamping the logit, then r, keeps h(r) bounded.
+
+    Args:
+        logits: [B] discriminator logits at (x_t, t).
+        logit_clamp: logits are clamped to ``[-logit_clamp, logit_clamp]``.
+        r_min, r_max: r is clamped to ``[r_min, r_max]``.
+    Returns:
+        [B] float32 ratios, detached.
+    """
+    with torch.no_grad():
+        return logits.detach().float().clamp(-logit_clamp, logit_clamp).exp().clamp(r_min, r_max)
+
+
+# ----------------------------------------------------------------- SiD (Zhou et al. 2024)
+def sid_generator_loss(x_g: Tensor, y_real: Tensor, y_fake: Tensor, alpha: float = 1.2,
+                       min_norm: float = 1e-5) -> Tensor:
+    """Score identity Distillation generator loss per sample (Zhou et al., ICML 2024, Sec. 4 and
+    Algorithm 1; the same loss in SiD-LSG and few-step SiD):
+
+        L_G = sum_CHW (y_r - y_f) * ((y_r - x_g) - alpha (y_r - y_f)) / sg(mean_CHW |x_g - y_r|)
+            = [L^(2) - alpha L^(1)] / sg(norm),  L^(2) = (y_r - y_f)^T (y_r - x_g),  L^(1) = ||y_r - y_f||^2,
+
+    with y_r = teacher x0 and y_f = critic (fake score) x0 at x_t = noise(x_g, t). The alpha term
+    enters with a MINUS sign: alpha = 1.2 (the paper's default) makes the squared score difference
+    weigh ``1 - alpha = -0.2`` in ``(1 - alpha) ||y_r - y_f||^2 + (y_r - y_f)^T (y_f - x_g)``.
+    With y_r, y_f held constant, ``d L_G / d x_g = (y_f - y_r) / norm`` (DMD's direction, alpha
+    plays no part); alpha only acts through the gradients that flow through y_r and y_f.
+    The normaliser is a stop-grad per-sample mean over that sample's elements (clamped at
+    ``min_norm``, as the official code does).
+
+    Args:
+        x_g: [B, ...] generator samples (with grad).
+        y_real: [B, ...] the teacher's (guided) x0 at x_t (with or without grad through x_t).
+        y_fake: [B, ...] the critic's (guided) x0 at x_t.
+        alpha: weight of the squared score difference (1.2 in SiD).
+        min_norm: lower clamp of the normaliser.
+    Returns:
+        [B] float32 losses (sums over each sample's elements; the official code's batch loss is
+        their mean, scaled by ``loss_scaling_G``).
+    """
+    x, y_r, y_f = x_g.float(), y_real.float(), y_fake.float()
+    with torch.no_grad():
+        norm = (x - y_r).abs().flatten(1).mean(1).clamp_min(min_norm)
+    diff = y_r - y_f
+    return (diff * ((y_r - x) - alpha * diff)).flatten(1).sum(1) / norm

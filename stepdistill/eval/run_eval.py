@@ -13,7 +13,6 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -120,8 +119,9 @@ def evaluate_student(generator: Generator, teacher: Teacher, task, *, steps: int
     wall = time.perf_counter() - start
     student = lambda noise, cond: generator.sample(noise, cond, steps)  # noqa: E731 (throughput only)
     s_row = {"steps": steps, "nfe": steps, "metrics": task.metrics(x_student, labels),
+             # best of 10: a one-step batch takes ~0.1 s on a CPU, so single timings are noisy
              "samples_per_s": round(throughput(student, task.sample_shape, task.null_class, batch_size,
-                                               device), 1),
+                                               device, repeats=10), 1),
              "sampling_wall_s": round(wall, 2)}
     teacher_fn = teacher_sampler(teacher, teacher_steps, scale)
     t_row = teacher_row(teacher, task, labels, teacher_steps, scale, seed, batch_size, device)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from stepdistill.algorithms.base import Algorithm, Batch, unwrap
 from stepdistill.conditioning import Conditioning
@@ -129,6 +129,9 @@ class Trainer:
         opts = prepared[len(names):len(names) + len(self.optimizers)]
         self.optimizers = dict(zip(self.optimizers, opts, strict=True))
         self.schedules = dict(zip(self.schedules, prepared[len(names) + len(opts):], strict=True))
+        stateful = _untrained_state(self.algorithm, names)
+        if stateful:  # e.g. f-distill's ratio normaliser: its running means resume with the run
+            self.accelerator.register_for_checkpointing(_ModuleBuffers(stateful))
         ids = {ph: {id(p) for p in ps} for ph, ps in self.phase_params.items()}
         self.phase_modules = {ph: [m for m in modules.values() if any(id(p) in ids[ph] for p in m.parameters())]
                               for ph in self.phase_params}
@@ -321,6 +324,29 @@ def _phase_parameters(algorithm: Algorithm) -> dict[str, list[nn.Parameter]]:
         if id(p) not in trained:
             p.requires_grad_(False)
     return out
+
+
+class _ModuleBuffers:
+    """The buffers of an algorithm's untrained submodules, as one object ``accelerator.save_state``
+    checkpoints (``register_for_checkpointing`` needs ``state_dict`` / ``load_state_dict``)."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.modules = modules
+
+    def state_dict(self) -> dict[str, dict[str, Tensor]]:
+        return {name: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
+                for name, m in self.modules.items()}
+
+    def load_state_dict(self, state: dict[str, dict[str, Tensor]]) -> None:
+        for name, module in self.modules.items():
+            module.load_state_dict(state[name])
+
+
+def _untrained_state(algorithm: Algorithm, prepared: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """The algorithm's direct submodules that hold buffers but are neither trained nor the teacher."""
+    skip = {id(m) for m in prepared.values()} | {id(algorithm.teacher)}
+    return {name: child for name, child in algorithm.named_children()
+            if id(child) not in skip and any(True for _ in child.buffers())}
 
 
 def _slice(batch: Batch, start: int, stop: int, device: torch.device) -> Batch:

@@ -297,3 +297,25 @@ def _labels(n):
     from stepdistill.conditioning import Conditioning
 
     return Conditioning.labels(torch.zeros(n, dtype=torch.long), 4)
+
+
+def test_untrained_algorithm_buffers_are_checkpointed_and_restored(tmp_path, task):
+    """State the algorithm keeps outside its trained modules (f-distill's ratio normaliser) resumes."""
+    algorithm = tiny_algorithm(use_rng=True)
+    algorithm.tracker = torch.nn.Module()
+    algorithm.tracker.register_buffer("running", torch.zeros(3, dtype=torch.float64))
+    original_loss = algorithm.loss
+
+    def counting_loss(phase, batch, step):
+        algorithm.tracker.running += torch.tensor([1.0, step, phase == "critic"], dtype=torch.float64)
+        return original_loss(phase, batch, step)
+
+    algorithm.loss = counting_loss
+    make_trainer(tmp_path / "run", task, algorithm=algorithm, max_steps=4, checkpoint_every=4).fit()
+    assert algorithm.tracker.running.tolist() == [4.0, 6.0, 2.0]
+
+    fresh = tiny_algorithm(use_rng=True)
+    fresh.tracker = torch.nn.Module()
+    fresh.tracker.register_buffer("running", torch.zeros(3, dtype=torch.float64))
+    make_trainer(tmp_path / "run", task, algorithm=fresh, max_steps=4, resume="auto").fit()
+    assert fresh.tracker.running.tolist() == [4.0, 6.0, 2.0]
