@@ -11,10 +11,10 @@ run k generator steps without grad, train on step k.
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from stepdistill.algorithms.base import Algorithm, Batch, LossOutput, unwrap
-from stepdistill.algorithms.common import student_sample
+from stepdistill.algorithms.base import Batch, LossOutput, unwrap
+from stepdistill.algorithms.common import CriticGeneratorAlgorithm, student_sample
 from stepdistill.conditioning import Conditioning
 from stepdistill.errors import StepdistillError
 from stepdistill.losses import (
@@ -26,7 +26,7 @@ from stepdistill.losses import (
 from stepdistill.roles import Critic, Generator, Teacher
 
 
-class DMD2(Algorithm):
+class DMD2(CriticGeneratorAlgorithm):
     """DMD2 over any teacher / generator / critic.
 
     Args:
@@ -40,8 +40,6 @@ class DMD2(Algorithm):
         gan_critic_weight: weight of the discriminator loss in the critic phase (0 = off).
         seed: seed of the choices shared by all processes (backward-simulation k).
     """
-
-    phases = ("critic", "generator")
 
     def __init__(self, teacher: Teacher, generator: Generator, critic: Critic, *,
                  guidance_scale: float | None = None, critic_updates_per_generator_update: int = 5,
@@ -59,21 +57,6 @@ class DMD2(Algorithm):
         if (self.gan_generator_weight > 0 or self.gan_critic_weight > 0) and critic.head is None:
             raise StepdistillError("the GAN terms need a discriminator head: set critic.head=true "
                                    "(or algorithm.gan_generator_weight=0 and gan_critic_weight=0)")
-
-    # ----------------------------------------------------------------- phases
-    def phase(self, step: int) -> str:
-        """``ratio`` critic steps, then one generator step (DMD2's two time-scale update rule)."""
-        return "generator" if step % (self.ratio + 1) == self.ratio else "critic"
-
-    def trainable(self, phase: str) -> list[nn.Module]:
-        return {"critic": [self.critic], "generator": [self.generator]}[phase]
-
-    def loss(self, phase: str, batch: Batch, step: int) -> LossOutput:
-        if phase == "generator":
-            return self._generator_loss(batch, step)
-        if phase == "critic":
-            return self._critic_loss(batch, step)
-        raise ValueError(f"unknown phase {phase!r}; DMD2 phases: {self.phases}")
 
     # ----------------------------------------------------------------- generator phase
     def _generator_loss(self, batch: Batch, step: int) -> LossOutput:
@@ -119,10 +102,6 @@ class DMD2(Algorithm):
         return LossOutput(loss, logs)
 
     # ----------------------------------------------------------------- helpers
-    def _noised(self, x: Tensor, cond: Conditioning) -> tuple[Tensor, Tensor, Conditioning]:
-        """(x_t, t, cond) at a fresh noise level over the full range (the GAN's inputs)."""
-        t = self.teacher.schedule.sample_time(len(x), device=x.device)
-        return self.teacher.schedule.add_noise(x, torch.randn_like(x), t), t, cond
 
     def student_sample(self, cond: Conditioning, step: int, *, grad: bool) -> Tensor:
         """Generator output x0 [B, ...] for ``cond``; K-step students use backward simulation."""

@@ -25,9 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from stepdistill.algorithms.base import Algorithm, Batch, LossOutput, unwrap
-from stepdistill.algorithms.common import student_sample
-from stepdistill.conditioning import Conditioning
+from stepdistill.algorithms.base import Batch, LossOutput, unwrap
+from stepdistill.algorithms.common import CriticGeneratorAlgorithm, student_sample
 from stepdistill.errors import StepdistillError
 from stepdistill.losses import (
     F_DIVERGENCES,
@@ -122,7 +121,7 @@ def normalized_f_weight(r: Tensor, t: Tensor, normalizer: RatioNormalizer, diver
     return h / h_mean, h_mean
 
 
-class FDistill(Algorithm):
+class FDistill(CriticGeneratorAlgorithm):
     """f-distill over any teacher / generator / critic (with a discriminator head).
 
     Args:
@@ -141,8 +140,6 @@ class FDistill(Algorithm):
         ratio_momentum: EMA momentum of that normaliser.
         seed: seed of the choices shared by all processes (backward-simulation k).
     """
-
-    phases = ("critic", "generator")
 
     def __init__(self, teacher: Teacher, generator: Generator, critic: Critic, *, divergence: str = "js",
                  guidance_scale: float | None = None, critic_updates_per_generator_update: int = 5,
@@ -176,21 +173,6 @@ class FDistill(Algorithm):
         if not 0 < self.ratio_min < self.ratio_max:
             raise StepdistillError(f"need 0 < algorithm.ratio_min < algorithm.ratio_max "
                                    f"(got {self.ratio_min}, {self.ratio_max})")
-
-    # ----------------------------------------------------------------- phases
-    def phase(self, step: int) -> str:
-        """``ratio`` critic steps, then one generator step (DMD2's two time-scale update rule)."""
-        return "generator" if step % (self.ratio + 1) == self.ratio else "critic"
-
-    def trainable(self, phase: str) -> list[nn.Module]:
-        return {"critic": [self.critic], "generator": [self.generator]}[phase]
-
-    def loss(self, phase: str, batch: Batch, step: int) -> LossOutput:
-        if phase == "generator":
-            return self._generator_loss(batch, step)
-        if phase == "critic":
-            return self._critic_loss(batch, step)
-        raise ValueError(f"unknown phase {phase!r}; f-distill phases: {self.phases}")
 
     # ----------------------------------------------------------------- generator phase
     def _generator_loss(self, batch: Batch, step: int) -> LossOutput:
@@ -242,7 +224,3 @@ class FDistill(Algorithm):
         return LossOutput(denoise + self.gan_critic_weight * gan, logs)
 
     # ----------------------------------------------------------------- helpers
-    def _noised(self, x: Tensor, cond: Conditioning) -> tuple[Tensor, Tensor, Conditioning]:
-        """(x_t, t, cond) at a fresh noise level over the full range (the GAN's inputs)."""
-        t = self.teacher.schedule.sample_time(len(x), device=x.device)
-        return self.teacher.schedule.add_noise(x, torch.randn_like(x), t), t, cond

@@ -21,10 +21,10 @@ so the loss matches the uniform mixture of all steps' outputs to the data (``com
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from stepdistill.algorithms.base import Algorithm, Batch, LossOutput, unwrap
-from stepdistill.algorithms.common import student_sample
+from stepdistill.algorithms.base import Batch, LossOutput, unwrap
+from stepdistill.algorithms.common import CriticGeneratorAlgorithm, student_sample
 from stepdistill.conditioning import Conditioning
 from stepdistill.errors import StepdistillError
 from stepdistill.guidance import cfg, guided_predict
@@ -40,7 +40,7 @@ from stepdistill.schedules import Prediction
 CFG_MODES = ("lsg", "zero", "anti")
 
 
-class SiD(Algorithm):
+class SiD(CriticGeneratorAlgorithm):
     """Score identity Distillation over any teacher / generator / critic.
 
     Args:
@@ -80,8 +80,6 @@ class SiD(Algorithm):
         seed: seed of the choices shared by all processes (backward-simulation k).
     """
 
-    phases = ("critic", "generator")
-
     def __init__(self, teacher: Teacher, generator: Generator, critic: Critic, *, alpha: float = 1.2,
                  t_min: float = 0.02, t_max: float = 0.8, generator_loss_scale: float = 100.0,
                  grad_through_scores: bool = True, critic_updates_per_generator_update: int = 1,
@@ -103,21 +101,6 @@ class SiD(Algorithm):
             cfg_mode, teacher.guidance_scale if guidance_teacher is None else float(guidance_teacher),
             guidance_teacher is None, float(guidance_train_critic), float(guidance_eval_critic))
         _check(self, critic)
-
-    # ----------------------------------------------------------------- phases
-    def phase(self, step: int) -> str:
-        """``ratio`` critic steps, then one generator step (1:1 in SiD)."""
-        return "generator" if step % (self.ratio + 1) == self.ratio else "critic"
-
-    def trainable(self, phase: str) -> list[nn.Module]:
-        return {"critic": [self.critic], "generator": [self.generator]}[phase]
-
-    def loss(self, phase: str, batch: Batch, step: int) -> LossOutput:
-        if phase == "generator":
-            return self._generator_loss(batch, step)
-        if phase == "critic":
-            return self._critic_loss(batch, step)
-        raise ValueError(f"unknown phase {phase!r}; SiD phases: {self.phases}")
 
     def gan_active(self, step: int) -> bool:
         """Whether the generator loss of optimizer step ``step`` includes the GAN term."""
