@@ -129,7 +129,7 @@ class Trainer:
         opts = prepared[len(names):len(names) + len(self.optimizers)]
         self.optimizers = dict(zip(self.optimizers, opts, strict=True))
         self.schedules = dict(zip(self.schedules, prepared[len(names) + len(opts):], strict=True))
-        stateful = _untrained_state(self.algorithm, names)
+        stateful = _untrained_state(self.algorithm, [*names.values(), *modules.values()])
         if stateful:  # e.g. f-distill's ratio normaliser: its running means resume with the run
             self.accelerator.register_for_checkpointing(_ModuleBuffers(stateful))
         ids = {ph: {id(p) for p in ps} for ph, ps in self.phase_params.items()}
@@ -342,9 +342,10 @@ class _ModuleBuffers:
             module.load_state_dict(state[name])
 
 
-def _untrained_state(algorithm: Algorithm, prepared: dict[str, nn.Module]) -> dict[str, nn.Module]:
-    """The algorithm's direct submodules that hold buffers but are neither trained nor the teacher."""
-    skip = {id(m) for m in prepared.values()} | {id(algorithm.teacher)}
+def _untrained_state(algorithm: Algorithm, trained: list[nn.Module]) -> dict[str, nn.Module]:
+    """The algorithm's direct submodules that hold buffers but are neither trained (``trained``: the
+    modules before and after ``prepare``, which may wrap them) nor the teacher."""
+    skip = {id(m) for m in trained} | {id(algorithm.teacher)}
     return {name: child for name, child in algorithm.named_children()
             if id(child) not in skip and any(True for _ in child.buffers())}
 
