@@ -2,20 +2,16 @@
 
 import pytest
 import torch
+from algo_helpers import assert_only_the_phase_trains, labelled_batch, train_only
 
-from stepdistill.algorithms.base import Batch
 from stepdistill.algorithms.dmd2 import DMD2
-from stepdistill.conditioning import Conditioning
-from stepdistill.denoisers.diffusers import UNet2DDenoiser
 from stepdistill.errors import StepdistillError
 from stepdistill.losses import (
     distribution_matching_loss,
     gan_discriminator_loss,
     gan_generator_loss,
 )
-from stepdistill.roles import Critic, Generator, Teacher
-from stepdistill.schedules import NoiseSchedule, Prediction
-from stepdistill.teachers import build_digits_unet
+from stepdistill.roles import Critic, Generator
 
 
 def test_dm_loss_gradient_is_the_normalised_score_difference():
@@ -46,20 +42,6 @@ def test_gan_losses_have_the_right_signs():
                                2 * torch.log(torch.tensor([2.0])))
 
 
-@pytest.fixture()
-def parts():
-    torch.manual_seed(0)
-    unet = build_digits_unet((8, 16), 1, num_classes=3, norm_groups=4)
-    teacher = Teacher(UNet2DDenoiser(unet, NoiseSchedule.vp("linear", 1000, 1e-4, 0.02), Prediction.EPS),
-                      guidance_scale=2.0)
-    return teacher, Generator(teacher.denoiser, steps=4), Critic(teacher.denoiser, head=True)
-
-
-def _batch():
-    g = torch.Generator().manual_seed(1)
-    return Batch(Conditioning.labels(torch.tensor([0, 1, 2, 0]), 3), torch.randn(4, 1, 8, 8, generator=g))
-
-
 def test_phase_schedule_is_the_two_time_scale_ratio(parts):
     algo = DMD2(*parts, critic_updates_per_generator_update=3)
     assert [algo.phase(s) for s in range(8)] == ["critic"] * 3 + ["generator"] + ["critic"] * 3 + ["generator"]
@@ -69,19 +51,10 @@ def test_phase_schedule_is_the_two_time_scale_ratio(parts):
 def test_only_the_running_phase_gets_gradients(parts, phase):
     teacher, generator, critic = parts
     algo = DMD2(teacher, generator, critic, gan_generator_weight=1e-3, gan_critic_weight=1e-2)
-    for module in (generator, critic):
-        module.requires_grad_(module in algo.trainable(phase))
-    out = algo.loss(phase, _batch(), step=0)
+    train_only(algo, phase)
+    out = algo.loss(phase, labelled_batch(), step=0)
     out.loss.backward()
-    trained, frozen = (critic, generator) if phase == "critic" else (generator, critic)
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trained.parameters())
-    assert all(p.grad is None for p in frozen.parameters())
-    assert all(p.grad is None for p in teacher.parameters())
-    if phase == "critic":  # the GAN head trains with the critic
-        assert all(p.grad is not None for p in critic.head.parameters())
-        assert {"critic_denoising_loss", "gan_critic_loss"} <= set(out.logs)
-    else:
-        assert {"dm_loss", "gan_generator_loss"} <= set(out.logs)
+    assert_only_the_phase_trains((teacher, generator, critic), phase, out, {"dm_loss", "gan_generator_loss"})
 
 
 def test_backward_simulation_draws_the_same_k_for_a_step(parts):
@@ -99,7 +72,7 @@ def test_dm_gradient_vanishes_when_the_critic_equals_the_teacher(parts):
     critic = Critic(teacher.denoiser).requires_grad_(False)
     for scale, expect_zero in ((1.0, True), (2.0, False)):
         generator.zero_grad(set_to_none=False)
-        DMD2(teacher, generator, critic, guidance_scale=scale).loss("generator", _batch(), 0).loss.backward()
+        DMD2(teacher, generator, critic, guidance_scale=scale).loss("generator", labelled_batch(), 0).loss.backward()
         total = sum(float(p.grad.abs().sum()) for p in generator.parameters())
         assert (total == 0.0) == expect_zero, (scale, total)
 

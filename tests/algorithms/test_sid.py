@@ -2,19 +2,15 @@
 
 import pytest
 import torch
+from algo_helpers import NULL, assert_only_the_phase_trains, labelled_batch, train_only
 
 import stepdistill.algorithms.sid as sid_module
-from stepdistill.algorithms.base import Batch
 from stepdistill.algorithms.sid import SiD
 from stepdistill.conditioning import Conditioning
-from stepdistill.denoisers.diffusers import UNet2DDenoiser
 from stepdistill.errors import StepdistillError
 from stepdistill.losses import sid_generator_loss
-from stepdistill.roles import Critic, Generator, Teacher
-from stepdistill.schedules import NoiseSchedule, Prediction
-from stepdistill.teachers import build_digits_unet
-
-NULL = 3  # the null class of the 3-class test UNet
+from stepdistill.roles import Critic, Generator
+from stepdistill.schedules import Prediction
 
 
 # ----------------------------------------------------------------- the loss
@@ -54,26 +50,6 @@ def test_sid_loss_gradient_through_the_scores_uses_alpha():
 
 
 # ----------------------------------------------------------------- the algorithm
-@pytest.fixture()
-def parts():
-    torch.manual_seed(0)
-    unet = build_digits_unet((8, 16), 1, num_classes=3, norm_groups=4)
-    teacher = Teacher(UNet2DDenoiser(unet, NoiseSchedule.vp("linear", 1000, 1e-4, 0.02), Prediction.EPS),
-                      guidance_scale=2.0)
-    return teacher, Generator(teacher.denoiser, steps=4), Critic(teacher.denoiser, head=True)
-
-
-def _batch(x0=True):
-    g = torch.Generator().manual_seed(1)
-    return Batch(Conditioning.labels(torch.tensor([0, 1, 2, 0]), NULL),
-                 torch.randn(4, 1, 8, 8, generator=g) if x0 else None)
-
-
-def _train_only(algo, phase):
-    for module in (algo.generator, algo.critic):
-        module.requires_grad_(module in algo.trainable(phase))
-
-
 def test_phases_alternate_one_to_one_by_default(parts):
     assert [SiD(*parts).phase(s) for s in range(4)] == ["critic", "generator"] * 2
     algo = SiD(*parts, critic_updates_per_generator_update=2)
@@ -85,18 +61,10 @@ def test_phases_alternate_one_to_one_by_default(parts):
 def test_only_the_running_phase_gets_gradients(parts, phase, grad_through_scores):
     teacher, generator, critic = parts
     algo = SiD(teacher, generator, critic, grad_through_scores=grad_through_scores, gan_weight=1e-2)
-    _train_only(algo, phase)
-    out = algo.loss(phase, _batch(), step=1)
+    train_only(algo, phase)
+    out = algo.loss(phase, labelled_batch(), step=1)
     out.loss.backward()
-    trained, frozen = (critic, generator) if phase == "critic" else (generator, critic)
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trained.parameters())
-    assert all(p.grad is None for p in frozen.parameters())
-    assert all(p.grad is None for p in teacher.parameters())
-    if phase == "critic":  # the discriminator head trains with the critic
-        assert all(p.grad is not None for p in critic.head.parameters())
-        assert {"critic_denoising_loss", "gan_critic_loss"} <= set(out.logs)
-    else:
-        assert {"sid_loss", "gan_generator_loss"} <= set(out.logs)
+    assert_only_the_phase_trains((teacher, generator, critic), phase, out, {"sid_loss", "gan_generator_loss"})
 
 
 def _capture_loss_inputs(monkeypatch):
@@ -118,9 +86,9 @@ def test_grad_through_scores_switches_the_gradient_path(parts, monkeypatch):
     grads = {}
     for flag in (False, True):
         algo = SiD(teacher, generator, critic, grad_through_scores=flag, generator_loss_scale=100.0)
-        _train_only(algo, "generator")
+        train_only(algo, "generator")
         torch.manual_seed(5)  # the same x_g, t and noise for both settings
-        algo.loss("generator", _batch(), step=1).loss.backward()
+        algo.loss("generator", labelled_batch(), step=1).loss.backward()
         x_g, y_r, y_f = seen["x_g"], seen["y_real"], seen["y_fake"]
         assert (y_r.grad_fn is not None and y_f.grad_fn is not None) == flag
         grads[flag] = x_g.grad.clone()
@@ -142,7 +110,7 @@ def test_generator_gradient_vanishes_when_the_critic_equals_the_teacher(parts, g
         generator.zero_grad(set_to_none=True)
         algo = SiD(teacher, generator, critic, guidance_teacher=scale, grad_through_scores=grad_through_scores)
         torch.manual_seed(2)
-        algo.loss("generator", _batch(), 1).loss.backward()
+        algo.loss("generator", labelled_batch(), 1).loss.backward()
         totals[scale] = sum(float(p.grad.abs().sum()) for p in generator.parameters())
     if not grad_through_scores:
         assert totals[1.0] == 0.0
@@ -156,7 +124,7 @@ def _generator_calls(algo, step):
     handle = algo.generator.register_forward_pre_hook(
         lambda _m, args: calls.append((float(args[1][0]), torch.is_grad_enabled())))
     try:
-        algo.loss("generator", _batch(), step)
+        algo.loss("generator", labelled_batch(), step)
     finally:
         handle.remove()
     return calls
@@ -186,7 +154,7 @@ def _conditions(module, algo, phase):
     labels = []
     handle = module.register_forward_pre_hook(lambda _m, args: labels.append(args[2].class_labels.tolist()))
     try:
-        algo.loss(phase, _batch(), 1)
+        algo.loss(phase, labelled_batch(), 1)
     finally:
         handle.remove()
     return labels
@@ -223,7 +191,7 @@ def test_critic_trained_with_guidance_regresses_the_guided_output(parts, monkeyp
 
     monkeypatch.setattr(sid_module, "denoising_loss", spy)
     handle = critic.register_forward_pre_hook(lambda _m, args: seen.update(x_t=args[0], t=args[1]))
-    algo.loss("critic", _batch(), 0)
+    algo.loss("critic", labelled_batch(), 0)
     handle.remove()
     labels = Conditioning.labels(torch.tensor([0, 1, 2, 0] + [NULL] * 4), NULL)
     with torch.no_grad():  # the batched [cond; null] forward, in the critic's own (eps) parameterization
@@ -248,11 +216,11 @@ def test_gan_term_is_off_before_warmup_and_on_after(parts):
     teacher, generator, critic = parts
     algo = SiD(teacher, Generator(teacher.denoiser, steps=1), critic, gan_weight=0.5, gan_warmup_steps=4)
     assert [algo.gan_active(s) for s in (0, 3, 4, 9)] == [False, False, True, True]
-    before, after = algo.loss("generator", _batch(), 3), algo.loss("generator", _batch(), 5)
+    before, after = algo.loss("generator", labelled_batch(), 3), algo.loss("generator", labelled_batch(), 5)
     assert "gan_generator_loss" not in before.logs
     torch.testing.assert_close(before.loss, 100.0 * before.logs["sid_loss"])
     torch.testing.assert_close(after.loss, 100.0 * after.logs["sid_loss"] + 0.5 * after.logs["gan_generator_loss"])
-    assert "gan_critic_loss" in algo.loss("critic", _batch(), 0).logs  # the discriminator trains from step 0
+    assert "gan_critic_loss" in algo.loss("critic", labelled_batch(), 0).logs  # the discriminator trains from step 0
 
 
 def test_gan_needs_a_head_and_real_data_and_is_data_free_without_it(parts):
@@ -261,6 +229,6 @@ def test_gan_needs_a_head_and_real_data_and_is_data_free_without_it(parts):
         SiD(teacher, generator, Critic(teacher.denoiser), gan_weight=1e-2)
     algo = SiD(teacher, generator, Critic(teacher.denoiser))
     for phase in algo.phases:  # data-free: no batch.x0 needed
-        assert torch.isfinite(algo.loss(phase, _batch(x0=False), 1).loss)
+        assert torch.isfinite(algo.loss(phase, labelled_batch(x0=False), 1).loss)
     with pytest.raises(StepdistillError, match="needs real data"):
-        SiD(*parts, gan_weight=1e-2).loss("critic", _batch(x0=False), 0)
+        SiD(*parts, gan_weight=1e-2).loss("critic", labelled_batch(x0=False), 0)
