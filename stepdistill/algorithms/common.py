@@ -7,6 +7,8 @@ from torch import Tensor, nn
 
 from stepdistill.algorithms.base import Algorithm, Batch, LossOutput, unwrap
 from stepdistill.conditioning import Conditioning
+from stepdistill.errors import StepdistillError
+from stepdistill.losses import denoising_loss, gan_discriminator_loss, gan_generator_loss
 from stepdistill.sampling import simulate_to_step
 
 
@@ -59,7 +61,45 @@ class CriticGeneratorAlgorithm(Algorithm):
     def _critic_loss(self, batch: Batch, step: int) -> LossOutput:
         raise NotImplementedError
 
+    def student_sample(self, cond: Conditioning, step: int, *, grad: bool) -> Tensor:
+        """Generator output x0 [B, ...] for ``cond``; K-step students use backward simulation."""
+        return student_sample(self.generator, cond, self.shared_generator(step), grad=grad)
+
     def _noised(self, x: Tensor, cond: Conditioning) -> tuple[Tensor, Tensor, Conditioning]:
         """(x_t, t, cond) at a fresh noise level over the full range (the GAN's inputs)."""
         t = self.teacher.schedule.sample_time(len(x), device=x.device)
         return self.teacher.schedule.add_noise(x, torch.randn_like(x), t), t, cond
+
+    def _gan_generator_term(self, x: Tensor, cond: Conditioning, weight: float, logs: dict) -> Tensor:
+        """``weight * softplus(-D(x_t))`` at a fresh noise level (DMD2 Sec. 4.3; 0 when ``weight`` is 0),
+        logged as ``gan_generator_loss``."""
+        if weight <= 0:
+            return x.new_zeros(())
+        _, logits = self.critic(*self._noised(x, cond), logits=True)
+        gan = gan_generator_loss(logits).mean()
+        logs["gan_generator_loss"] = gan.detach()
+        return weight * gan
+
+    def _denoising_and_gan_critic_loss(self, batch: Batch, step: int, gan_weight: float) -> LossOutput:
+        """The critic phase of DMD2 and f-distill: the critic's denoising loss on generator samples (its
+        native parameterisation), plus ``gan_weight`` x the discriminator loss, real data vs those samples,
+        each noised at its own level (DMD2 Eq. 6; off when ``gan_weight`` is 0)."""
+        x = self.student_sample(batch.cond, step, grad=False)
+        schedule = self.teacher.schedule
+        eps = torch.randn_like(x)
+        t = schedule.sample_time(len(x), device=x.device)
+        native = unwrap(self.critic).denoiser.prediction
+        want_logits = gan_weight > 0
+        out = self.critic(schedule.add_noise(x, eps, t), t, batch.cond, out=native, logits=want_logits)
+        pred, logits_fake = out if want_logits else (out, None)
+        denoise = denoising_loss(pred, schedule.target(x, eps, t, native)).mean()
+        logs: dict[str, float | Tensor] = {"critic_denoising_loss": denoise.detach()}
+        if not want_logits:
+            return LossOutput(denoise, logs)
+        if batch.x0 is None:
+            raise StepdistillError("the GAN critic term needs real data: this task gives none")
+        _, logits_real = self.critic(*self._noised(batch.x0.to(x), batch.cond), logits=True)
+        gan = gan_discriminator_loss(logits_real, logits_fake).mean()
+        logs.update(gan_critic_loss=gan.detach(), logit_real=logits_real.mean().detach(),
+                    logit_fake=logits_fake.mean().detach())
+        return LossOutput(denoise + gan_weight * gan, logs)

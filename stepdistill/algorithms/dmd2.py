@@ -13,15 +13,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from stepdistill.algorithms.base import Batch, LossOutput, unwrap
-from stepdistill.algorithms.common import CriticGeneratorAlgorithm, student_sample
-from stepdistill.conditioning import Conditioning
+from stepdistill.algorithms.base import Batch, LossOutput
+from stepdistill.algorithms.common import CriticGeneratorAlgorithm
 from stepdistill.errors import StepdistillError
 from stepdistill.losses import (
-    denoising_loss,
     distribution_matching_loss,
-    gan_discriminator_loss,
-    gan_generator_loss,
 )
 from stepdistill.roles import Critic, Generator, Teacher
 
@@ -69,40 +65,9 @@ class DMD2(CriticGeneratorAlgorithm):
             x0_fake = self.critic(x_t, t, batch.cond)
         dm = distribution_matching_loss(x, x0_real, x0_fake).mean()
         logs: dict[str, float | Tensor] = {"dm_loss": dm.detach()}
-        loss = dm
-        if self.gan_generator_weight > 0:
-            _, logits = self.critic(*self._noised(x, batch.cond), logits=True)
-            gan = gan_generator_loss(logits).mean()
-            loss = loss + self.gan_generator_weight * gan
-            logs["gan_generator_loss"] = gan.detach()
+        loss = dm + self._gan_generator_term(x, batch.cond, self.gan_generator_weight, logs)
         return LossOutput(loss, logs)
 
     # ----------------------------------------------------------------- critic phase
     def _critic_loss(self, batch: Batch, step: int) -> LossOutput:
-        x = self.student_sample(batch.cond, step, grad=False)
-        schedule = self.teacher.schedule
-        eps = torch.randn_like(x)
-        t = schedule.sample_time(len(x), device=x.device)
-        x_t = schedule.add_noise(x, eps, t)
-        native = unwrap(self.critic).denoiser.prediction
-        want_logits = self.gan_critic_weight > 0
-        out = self.critic(x_t, t, batch.cond, out=native, logits=want_logits)
-        pred, logits_fake = out if want_logits else (out, None)
-        denoise = denoising_loss(pred, schedule.target(x, eps, t, native)).mean()
-        logs: dict[str, float | Tensor] = {"critic_denoising_loss": denoise.detach()}
-        loss = denoise
-        if want_logits:
-            if batch.x0 is None:
-                raise StepdistillError("the GAN critic term needs real data: this task gives none")
-            _, logits_real = self.critic(*self._noised(batch.x0.to(x), batch.cond), logits=True)
-            gan = gan_discriminator_loss(logits_real, logits_fake).mean()
-            loss = loss + self.gan_critic_weight * gan
-            logs.update(gan_critic_loss=gan.detach(), logit_real=logits_real.mean().detach(),
-                        logit_fake=logits_fake.mean().detach())
-        return LossOutput(loss, logs)
-
-    # ----------------------------------------------------------------- helpers
-
-    def student_sample(self, cond: Conditioning, step: int, *, grad: bool) -> Tensor:
-        """Generator output x0 [B, ...] for ``cond``; K-step students use backward simulation."""
-        return student_sample(self.generator, cond, self.shared_generator(step), grad=grad)
+        return self._denoising_and_gan_critic_loss(batch, step, self.gan_critic_weight)

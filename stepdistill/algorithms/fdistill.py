@@ -26,16 +26,13 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from stepdistill.algorithms.base import Batch, LossOutput, unwrap
-from stepdistill.algorithms.common import CriticGeneratorAlgorithm, student_sample
+from stepdistill.algorithms.common import CriticGeneratorAlgorithm
 from stepdistill.errors import StepdistillError
 from stepdistill.losses import (
     F_DIVERGENCES,
-    denoising_loss,
     density_ratio,
     distribution_matching_loss,
     f_divergence_weight,
-    gan_discriminator_loss,
-    gan_generator_loss,
 )
 from stepdistill.roles import Critic, Generator, Teacher
 
@@ -176,7 +173,7 @@ class FDistill(CriticGeneratorAlgorithm):
 
     # ----------------------------------------------------------------- generator phase
     def _generator_loss(self, batch: Batch, step: int) -> LossOutput:
-        x = student_sample(self.generator, batch.cond, self.shared_generator(step), grad=True)
+        x = self.student_sample(batch.cond, step, grad=True)
         schedule = self.teacher.schedule
         t = schedule.sample_time(len(x), device=x.device, t_min=self.t_min, t_max=self.t_max)
         x_t = schedule.add_noise(x.detach(), torch.randn_like(x), t)
@@ -186,13 +183,7 @@ class FDistill(CriticGeneratorAlgorithm):
         weight, logs = self.ratio_weight(logits, t)
         dm = distribution_matching_loss(x, x0_real, x0_fake, weight).mean()
         logs["dm_loss"] = dm.detach()
-        loss = dm
-        if self.gan_generator_weight > 0:
-            _, logits_fake = self.critic(*self._noised(x, batch.cond), logits=True)
-            gan = gan_generator_loss(logits_fake).mean()
-            loss = loss + self.gan_generator_weight * gan
-            logs["gan_generator_loss"] = gan.detach()
-        return LossOutput(loss, logs)
+        return LossOutput(dm + self._gan_generator_term(x, batch.cond, self.gan_generator_weight, logs), logs)
 
     @torch.no_grad()
     def ratio_weight(self, logits: Tensor, t: Tensor) -> tuple[Tensor, dict[str, float | Tensor]]:
@@ -210,17 +201,4 @@ class FDistill(CriticGeneratorAlgorithm):
         which trains the head whose logit gives r."""
         if batch.x0 is None:
             raise StepdistillError("f-distill's discriminator needs real data: this task gives none")
-        x = student_sample(self.generator, batch.cond, self.shared_generator(step), grad=False)
-        schedule = self.teacher.schedule
-        eps = torch.randn_like(x)
-        t = schedule.sample_time(len(x), device=x.device)
-        native = unwrap(self.critic).denoiser.prediction
-        pred, logits_fake = self.critic(schedule.add_noise(x, eps, t), t, batch.cond, out=native, logits=True)
-        denoise = denoising_loss(pred, schedule.target(x, eps, t, native)).mean()
-        _, logits_real = self.critic(*self._noised(batch.x0.to(x), batch.cond), logits=True)
-        gan = gan_discriminator_loss(logits_real, logits_fake).mean()
-        logs = {"critic_denoising_loss": denoise.detach(), "gan_critic_loss": gan.detach(),
-                "logit_real": logits_real.mean().detach(), "logit_fake": logits_fake.mean().detach()}
-        return LossOutput(denoise + self.gan_critic_weight * gan, logs)
-
-    # ----------------------------------------------------------------- helpers
+        return self._denoising_and_gan_critic_loss(batch, step, self.gan_critic_weight)

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from stepdistill.algorithms.base import Batch, LossOutput, unwrap
-from stepdistill.algorithms.common import CriticGeneratorAlgorithm, student_sample
+from stepdistill.algorithms.common import CriticGeneratorAlgorithm
 from stepdistill.conditioning import Conditioning
 from stepdistill.errors import StepdistillError
 from stepdistill.guidance import cfg, guided_predict
@@ -113,7 +113,7 @@ class SiD(CriticGeneratorAlgorithm):
     # ----------------------------------------------------------------- generator phase
     def _generator_loss(self, batch: Batch, step: int) -> LossOutput:
         """SiD Algorithm 1, generator update: x_g = G(z); x_t = noise(x_g, t); L_G at (y_r, y_f)."""
-        x_g = student_sample(self.generator, batch.cond, self.shared_generator(step), grad=True)
+        x_g = self.student_sample(batch.cond, step, grad=True)
         schedule = self.teacher.schedule
         t = schedule.sample_time(len(x_g), device=x_g.device, t_min=self.t_min, t_max=self.t_max)
         x_t = schedule.add_noise(x_g, torch.randn_like(x_g), t)  # differentiable in x_g
@@ -148,7 +148,7 @@ class SiD(CriticGeneratorAlgorithm):
     def _critic_loss(self, batch: Batch, step: int) -> LossOutput:
         """SiD Algorithm 1, fake-score update: denoising loss on stopgrad(x_g) over the full t range
         (with the critic's guided output under LSG), plus the discriminator loss when the GAN is on."""
-        x = student_sample(self.generator, batch.cond, self.shared_generator(step), grad=False)
+        x = self.student_sample(batch.cond, step, grad=False)
         schedule = self.teacher.schedule
         eps = torch.randn_like(x)
         t = schedule.sample_time(len(x), device=x.device)
