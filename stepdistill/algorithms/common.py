@@ -70,6 +70,16 @@ class CriticGeneratorAlgorithm(Algorithm):
         t = self.teacher.schedule.sample_time(len(x), device=x.device)
         return self.teacher.schedule.add_noise(x, torch.randn_like(x), t), t, cond
 
+    @torch.no_grad()
+    def _teacher_at_noised(self, x: Tensor, cond: Conditioning, t_min: float, t_max: float,
+                           guidance_scale: float) -> tuple[Tensor, Tensor, Tensor]:
+        """(t, x_t, x0_real): ``x`` (detached) noised at t in [t_min, t_max] and the teacher's guided x0
+        there: where the distribution-matching term of DMD2 / f-distill compares the two scores."""
+        schedule = self.teacher.schedule
+        t = schedule.sample_time(len(x), device=x.device, t_min=t_min, t_max=t_max)
+        x_t = schedule.add_noise(x.detach(), torch.randn_like(x), t)
+        return t, x_t, self.teacher.predict(x_t, t, cond, guidance_scale=guidance_scale)
+
     def _gan_generator_term(self, x: Tensor, cond: Conditioning, weight: float, logs: dict) -> Tensor:
         """``weight * softplus(-D(x_t))`` at a fresh noise level (DMD2 Sec. 4.3; 0 when ``weight`` is 0),
         logged as ``gan_generator_loss``."""

@@ -174,11 +174,8 @@ class FDistill(CriticGeneratorAlgorithm):
     # ----------------------------------------------------------------- generator phase
     def _generator_loss(self, batch: Batch, step: int) -> LossOutput:
         x = self.student_sample(batch.cond, step, grad=True)
-        schedule = self.teacher.schedule
-        t = schedule.sample_time(len(x), device=x.device, t_min=self.t_min, t_max=self.t_max)
-        x_t = schedule.add_noise(x.detach(), torch.randn_like(x), t)
+        t, x_t, x0_real = self._teacher_at_noised(x, batch.cond, self.t_min, self.t_max, self.guidance_scale)
         with torch.no_grad():
-            x0_real = self.teacher.predict(x_t, t, batch.cond, guidance_scale=self.guidance_scale)
             x0_fake, logits = self.critic(x_t, t, batch.cond, logits=True)  # r at the DM term's (x_t, t)
         weight, logs = self.ratio_weight(logits, t)
         dm = distribution_matching_loss(x, x0_real, x0_fake, weight).mean()

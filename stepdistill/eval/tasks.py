@@ -128,17 +128,19 @@ class DigitsTask:
 
 
 class PromptTask:
-    """Text-to-image distillation from prompts alone (data-free DMD2 / SiD): conditions, no images.
+    """Text-to-image distillation from prompts: conditions, and real latents when the data has images.
 
-    Its training batches are ``Batch(cond=<the prompts' embeddings>, x0=None)``, encoded as the
-    teacher pipeline's ``encode_prompt`` does (``PromptEncoder``) on this process's device. It has no
+    Its training batches are ``Batch(cond=<the prompts' embeddings>, x0=None)`` for prompts alone
+    (``PromptData``: data-free DMD2 / SiD), encoded as the teacher pipeline's ``encode_prompt`` does
+    (``PromptEncoder``) on this process's device; with captioned images (``ImageCaptionData``: the GAN
+    terms, f-distill) ``x0`` holds the images encoded by the pipeline's VAE (``VaeLatents``). It has no
     metrics of its own: FID / CLIP score on COCO-style prompt sets belong to the evaluation scripts,
     so its experiments set ``evaluate.enabled: false``; sample with ``stepdistill sample run=DIR``.
 
     Args:
-        data: the training prompts.
-        text_encoder: the local diffusers pipeline directory whose tokenizers / text encoders to use
-            (the teacher's, ``${teacher.path}``).
+        data: the training prompts (``PromptData``) or captioned images (``ImageCaptionData``).
+        text_encoder: the local diffusers pipeline directory whose tokenizers / text encoders (and
+            VAE, for images) to use (the teacher's, ``${teacher.path}``).
         negative_prompt: the null condition for CFG ("" = the pipeline's default).
     """
 
@@ -148,9 +150,12 @@ class PromptTask:
     def __init__(self, data, text_encoder: str, negative_prompt: str = "") -> None:
         from stepdistill.data.prompts import PromptEncoder
 
+        from stepdistill.data.images import ImageCaptionData, VaeLatents
+
         self.data = data
         self.encoder = PromptEncoder.from_pretrained(text_encoder)
         self.negative_prompt = str(negative_prompt)
+        self.latents = VaeLatents.from_pretrained(text_encoder) if isinstance(data, ImageCaptionData) else None
         self._placed = False
 
     def train_batch(self, n: int, generator: torch.Generator):
@@ -161,5 +166,10 @@ class PromptTask:
             from accelerate import PartialState
 
             self.encoder.to(PartialState().device)
+            if self.latents is not None:
+                self.latents.to(PartialState().device)
             self._placed = True
-        return Batch(cond=self.encoder.encode(self.data.draw(n, generator), self.negative_prompt), x0=None)
+        if self.latents is None:
+            return Batch(cond=self.encoder.encode(self.data.draw(n, generator), self.negative_prompt), x0=None)
+        prompts, pixels = self.data.draw(n, generator)
+        return Batch(cond=self.encoder.encode(prompts, self.negative_prompt), x0=self.latents(pixels))
