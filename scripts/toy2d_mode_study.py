@@ -5,7 +5,7 @@ generator with each of the seven f-divergences (``experiment=toy2d_imbalanced/fd
 SiD (``toy2d_imbalanced/sid``), over several seeds, and writes a table of mode coverage, swd and
 class accuracy (means over seeds) with the teacher's 100-step row:
 
-    python scripts/toy2d_mode_study.py --out runs/mode_study [--seeds 0 1 2] [--steps 3000] [--methods js reverse_kl]
+    python scripts/toy2d_mode_study.py --out runs/mode_study [--seeds 0 1 2] [--steps 3000] [--methods js reverse_kl] [--set key=value ...]
 
 Writes ``<out>/study.json`` and ``<out>/study.md``; each run keeps its own run directory
 (``<out>/<method>/seed<k>/`` with metrics.json and report.md).
@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
+    parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="extra overrides for every run (e.g. algorithm.gan_critic_weight=1.0)")
     args = parser.parse_args(argv)
     results = {m: [run_one(args.out, m, s, args.steps, args.overrides) for s in args.seeds] for m in args.methods}
     summary, markdown = summarise(results)
