@@ -4,17 +4,9 @@ Convergence threshold (issue 3): the 1-step student's swd <= 1.3x the teacher's 
 full mode coverage. Measured with this config: 1.00x-1.12x over seeds (0.079-0.088 vs 0.0787).
 """
 
-import json
 
-from stepdistill.cli import main
-
-
-def test_one_step_dmd2_student_matches_the_teacher(tmp_path, monkeypatch):
-    monkeypatch.setenv("STEPDISTILL_CACHE", str(tmp_path / "cache"))
-    out = tmp_path / "run"
-    assert main(["train", "experiment=toy2d/dmd2", f"output_dir={out}", "trainer.progress=false",
-                 "evaluate.teacher_steps=100"]) == 0
-    metrics = json.loads((out / "metrics.json").read_text())
+def test_one_step_dmd2_student_matches_the_teacher(train_toy2d):
+    out, metrics = train_toy2d("toy2d/dmd2")
     student, teacher = metrics["student"], metrics["teacher"]
     assert (metrics["experiment"], metrics["algorithm"], metrics["dataset"]) == ("toy2d/dmd2", "DMD2", "toy2d")
     assert student["steps"] == 1 and student["nfe"] == 1 and teacher["steps"] == 100 and teacher["nfe"] == 100

@@ -5,17 +5,9 @@ with full mode coverage. Measured with this config (one thread, seed 0, as here)
 teacher's 0.0787 (1.24x), coverage 1.0, class accuracy 99.1%; 3,000 iterations in 2-4 minutes.
 """
 
-import json
 
-from stepdistill.cli import main
-
-
-def test_one_step_sid_student_matches_the_teacher(tmp_path, monkeypatch, one_thread):
-    monkeypatch.setenv("STEPDISTILL_CACHE", str(tmp_path / "cache"))
-    out = tmp_path / "run"
-    assert main(["train", "experiment=toy2d/sid", f"output_dir={out}", "trainer.progress=false",
-                 "evaluate.teacher_steps=100"]) == 0
-    metrics = json.loads((out / "metrics.json").read_text())
+def test_one_step_sid_student_matches_the_teacher(train_toy2d, one_thread):
+    _, metrics = train_toy2d("toy2d/sid")
     student, teacher = metrics["student"], metrics["teacher"]
     assert (metrics["experiment"], metrics["algorithm"]) == ("toy2d/sid", "SiD")
     assert student["steps"] == 1 and teacher["steps"] == 100
