@@ -148,9 +148,8 @@ class PromptTask:
     primary_metric = None
 
     def __init__(self, data, text_encoder: str, negative_prompt: str = "") -> None:
-        from stepdistill.data.prompts import PromptEncoder
-
         from stepdistill.data.images import ImageCaptionData, VaeLatents
+        from stepdistill.data.prompts import PromptEncoder
 
         self.data = data
         self.encoder = PromptEncoder.from_pretrained(text_encoder)
