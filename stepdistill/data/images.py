@@ -2,8 +2,8 @@
 
 The folder layout is the "imagefolder" one that diffusers' training scripts read
 (``--train_data_dir``): image files next to a ``metadata.jsonl`` with one JSON object per line,
-``{"file_name": "0001.png", "text": "a red circle"}``. Images are loaded once, resized to
-``resolution`` (centre crop to a square first) and kept as float tensors in [-1, 1]; the task
+``{"file_name": "0001.png", "text": "a red circle"}``. Images are read when drawn, centre-cropped to a
+square and resized to ``resolution``, as float tensors in [-1, 1]; the task
 encodes them with the teacher's VAE (``VaeLatents``) into the latents the denoisers see.
 """
 
@@ -43,23 +43,31 @@ class ImageCaptionData:
         if not rows or missing:
             raise StepdistillError(f"{str(meta)!r} has no rows with keys {caption_column!r} and {image_column!r}")
         self.prompts = [str(r[caption_column]) for r in rows]
-        self.images = torch.stack([_load_image(root / r[image_column], int(resolution)) for r in rows])
+        self.files = [root / str(r[image_column]) for r in rows]
+        self.resolution = int(resolution)
+        missing_files = [f for f in self.files if not f.is_file()]
+        if missing_files:
+            raise StepdistillError(f"image listed in metadata.jsonl not found: {str(missing_files[0])!r} "
+                                   f"({len(missing_files)} missing)")
 
     def __len__(self) -> int:
         return len(self.prompts)
 
     def draw(self, n: int, generator: torch.Generator) -> tuple[list[str], Tensor]:
         """``n`` (caption, image [3, H, W] in [-1, 1]) pairs drawn uniformly with replacement."""
-        index = torch.randint(len(self.prompts), (n,), generator=generator)
-        return [self.prompts[i] for i in index.tolist()], self.images[index]
+        index = torch.randint(len(self.prompts), (n,), generator=generator).tolist()
+        return [self.prompts[i] for i in index], torch.stack([self.image(i) for i in index])
+
+    def image(self, i: int) -> Tensor:
+        """Image ``i`` as [3, resolution, resolution] in [-1, 1] (read from disk on demand, so a large
+        folder costs no memory up front)."""
+        return _load_image(self.files[i], self.resolution)
 
 
 def _load_image(path: Path, resolution: int) -> Tensor:
     """[3, resolution, resolution] float32 in [-1, 1]: RGB, centre-cropped to a square, resized."""
     from PIL import Image
 
-    if not path.is_file():
-        raise StepdistillError(f"image listed in metadata.jsonl not found: {str(path)!r}")
     try:
         image = Image.open(path).convert("RGB")
     except OSError as e:
