@@ -53,9 +53,10 @@ class ImageCaptionData:
     def __len__(self) -> int:
         return len(self.prompts)
 
-    def draw(self, n: int, generator: torch.Generator) -> tuple[list[str], Tensor]:
-        """``n`` (caption, image [3, H, W] in [-1, 1]) pairs drawn uniformly with replacement."""
-        index = torch.randint(len(self.prompts), (n,), generator=generator).tolist()
+    def draw(self, n: int, generator: torch.Generator, rows: slice = slice(None)) -> tuple[list[str], Tensor]:
+        """``n`` (caption, image [3, H, W] in [-1, 1]) pairs drawn uniformly with replacement; only
+        ``rows`` of them are returned (and read from disk)."""
+        index = torch.randint(len(self.prompts), (n,), generator=generator).tolist()[rows]
         return [self.prompts[i] for i in index], torch.stack([self.image(i) for i in index])
 
     def image(self, i: int) -> Tensor:
@@ -104,13 +105,8 @@ class VaeLatents(nn.Module):
             raise StepdistillError(f"no vae/ in {str(root)!r}: real images need the pipeline's VAE")
         return cls(AutoencoderKL.from_pretrained(str(root / "vae")))
 
-    @property
-    def pixel_size_factor(self) -> int:
-        """Pixels per latent along a side (8 for SD; 2 for the tiny stacks)."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
     @torch.no_grad()
     def forward(self, pixels: Tensor) -> Tensor:
-        device = next(self.vae.parameters()).device
-        mean = self.vae.encode(pixels.to(device, next(self.vae.parameters()).dtype)).latent_dist.mean
+        param = next(self.vae.parameters())
+        mean = self.vae.encode(pixels.to(param.device, param.dtype)).latent_dist.mean
         return (mean.float() - self.shift) * self.scale

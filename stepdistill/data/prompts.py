@@ -103,7 +103,7 @@ class PromptEncoder(nn.Module):
             encoders.append(enc_cls.from_pretrained(str(enc_dir), **({"dtype": dtype} if dtype else {})))
         time_ids, joint_dim = None, None
         if stack == TextStack.SDXL:
-            size = _config(root / "unet").get("sample_size", 128) * _vae_scale_factor(root)
+            size = pixel_size(root) or 128 * _vae_scale_factor(root)
             time_ids = (size, size, 0, 0, size, size)
         if stack == TextStack.SD3:
             joint_dim = _config(root / "transformer").get("joint_attention_dim")
@@ -179,6 +179,17 @@ def _config(folder: Path) -> dict:
 
 def _vae_scale_factor(root: Path) -> int:
     return 2 ** (len(_config(root / "vae").get("block_out_channels", [0] * 4)) - 1)
+
+
+def pixel_size(root: str | Path) -> int | None:
+    """Side in pixels of the images a pipeline directory's denoiser was built for: its ``sample_size``
+    (in latents) times the VAE's downsampling (SD1.5 512, SDXL 1024); None when its config gives none."""
+    root = Path(root)
+    for folder in ("unet", "transformer"):
+        size = _config(root / folder).get("sample_size")
+        if size:
+            return int(size) * _vae_scale_factor(root)
+    return None
 
 
 def _component_class(index: dict, name: str, default: str) -> str:

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from stepdistill.data.digits import DigitsData
 from stepdistill.data.toy2d import ToyMixture
+from stepdistill.errors import StepdistillError
 
 
 class Toy2DTask:
@@ -154,11 +155,15 @@ class PromptTask:
         self.data = data
         self.encoder = PromptEncoder.from_pretrained(text_encoder)
         self.negative_prompt = str(negative_prompt)
-        self.latents = VaeLatents.from_pretrained(text_encoder) if isinstance(data, ImageCaptionData) else None
+        self.latents = None
+        if isinstance(data, ImageCaptionData):
+            _check_resolution(data.resolution, text_encoder)
+            self.latents = VaeLatents.from_pretrained(text_encoder)
         self._placed = False
 
-    def train_batch(self, n: int, generator: torch.Generator):
-        """The global batch for one step: ``n`` prompts drawn with ``generator``, encoded."""
+    def train_batch(self, n: int, generator: torch.Generator, rows: slice = slice(None)):
+        """Rows ``rows`` of the global batch for one step: ``n`` prompts (and images) drawn with
+        ``generator``, the same on every process; only the kept rows are read and encoded."""
         from stepdistill.algorithms.base import Batch
 
         if not self._placed:  # each process encodes on its own accelerator
@@ -169,6 +174,17 @@ class PromptTask:
                 self.latents.to(PartialState().device)
             self._placed = True
         if self.latents is None:
-            return Batch(cond=self.encoder.encode(self.data.draw(n, generator), self.negative_prompt), x0=None)
-        prompts, pixels = self.data.draw(n, generator)
+            prompts = self.data.draw(n, generator)[rows]
+            return Batch(cond=self.encoder.encode(prompts, self.negative_prompt), x0=None)
+        prompts, pixels = self.data.draw(n, generator, rows)
         return Batch(cond=self.encoder.encode(prompts, self.negative_prompt), x0=self.latents(pixels))
+
+
+def _check_resolution(resolution: int, pipeline: str) -> None:
+    """Real images must come at the teacher's pixel size, or their latents cannot meet its samples."""
+    from stepdistill.data.prompts import pixel_size
+
+    expected = pixel_size(pipeline)
+    if expected is not None and resolution != expected:
+        raise StepdistillError(f"data.resolution={resolution} but the teacher in {pipeline!r} works on "
+                               f"{expected}-pixel images: set data.resolution={expected}")

@@ -56,18 +56,19 @@ class FitResult:
 
 
 class TaskBatches:
-    """Global training batches of a task: ``(step, size) -> Batch`` from a generator seeded by
-    (seed, step), so every process, however many there are, sees the same global batch."""
+    """Global training batches of a task: ``(step, size[, rows]) -> Batch`` from a generator seeded by
+    (seed, step), so every process, however many there are, draws the same global batch; ``rows``
+    keeps only those rows of it (a process's share), which text tasks then encode alone."""
 
     def __init__(self, task, seed: int = 0) -> None:
         self.task, self.seed = task, int(seed)
 
-    def __call__(self, step: int, size: int) -> Batch:
+    def __call__(self, step: int, size: int, rows: slice = slice(None)) -> Batch:
         g = torch.Generator().manual_seed(self.seed * 1_000_033 + 7919 * step + 1)
         if hasattr(self.task, "train_batch"):  # tasks with their own conditions (prompts)
-            return self.task.train_batch(size, g)
+            return self.task.train_batch(size, g, rows)
         x0, labels = self.task.batch(size, g)
-        return Batch(cond=Conditioning.labels(labels, self.task.null_class), x0=x0)
+        return Batch(cond=Conditioning.labels(labels[rows], self.task.null_class), x0=x0[rows])
 
 
 class Trainer:
@@ -181,12 +182,11 @@ class Trainer:
     def _local_batches(self, step: int) -> list[Batch]:
         """This process's slice of the global batch, split into micro-batches, on the device."""
         acc, device = self.accelerator, self.accelerator.device
-        full = self.batches(step, self.config.batch_size)
         per_process = self.config.batch_size // acc.num_processes
-        size = per_process // self.config.gradient_accumulation_steps
         start = acc.process_index * per_process
-        return [_slice(full, start + i * size, start + (i + 1) * size, device)
-                for i in range(self.config.gradient_accumulation_steps)]
+        local = self.batches(step, self.config.batch_size, slice(start, start + per_process))
+        size = per_process // self.config.gradient_accumulation_steps
+        return [_slice(local, i * size, (i + 1) * size, device) for i in range(self.config.gradient_accumulation_steps)]
 
     def _sync_context(self, phase: str, last: bool):
         """DDP's no_sync on the phase's modules for every micro-batch but the last."""

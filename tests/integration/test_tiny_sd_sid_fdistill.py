@@ -9,7 +9,7 @@ from diffusers import AutoencoderKL
 
 from stepdistill.cli import main
 from stepdistill.config import ASSETS_DIR
-from stepdistill.data.images import ImageCaptionData, VaeLatents
+from stepdistill.data.images import ImageCaptionData
 from stepdistill.errors import StepdistillError
 from stepdistill.eval.tasks import PromptTask
 from stepdistill.tiny_stacks import tiny_stack_dir
@@ -53,13 +53,22 @@ def test_image_folder_errors(tmp_path):
 
 def test_image_batches_are_the_vae_latents_of_the_drawn_images(sd15_teacher):
     data = ImageCaptionData(str(SHAPES), resolution=16)
-    batch = TaskBatches(PromptTask(data, str(sd15_teacher)), seed=2)(4, 6)
+    batches = TaskBatches(PromptTask(data, str(sd15_teacher)), seed=2)
+    batch = batches(4, 6)
+    share = batches(4, 6, slice(2, 5))  # a process's rows: only they are read and encoded
+    torch.testing.assert_close(share.x0, batch.x0[2:5])
+    torch.testing.assert_close(share.cond.prompt_embeds, batch.cond.prompt_embeds[2:5])
     assert batch.cond.prompt_embeds.shape[0] == 6 and batch.x0.shape == (6, 4, 8, 8)
     _, pixels = data.draw(6, torch.Generator().manual_seed(2 * 1_000_033 + 7919 * 4 + 1))
     vae = AutoencoderKL.from_pretrained(sd15_teacher / "vae")
     expected = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
     torch.testing.assert_close(batch.x0, expected)
-    assert VaeLatents(vae).pixel_size_factor == 2
+
+
+def test_images_at_the_wrong_resolution_are_a_one_line_error(sd15_teacher):
+    with pytest.raises(StepdistillError, match="data.resolution=32 but .* works on 16-pixel images: "
+                                               "set data.resolution=16"):
+        PromptTask(ImageCaptionData(str(SHAPES), resolution=32), str(sd15_teacher))
 
 
 @pytest.mark.parametrize("experiment,phase_keys", [
