@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor
 
-_BATCHED = ("class_labels", "prompt_embeds", "pooled_embeds", "time_ids")
+_BATCHED = ("class_labels", "prompt_embeds", "pooled_embeds", "time_ids", "guidance")
 
 
 @dataclass
@@ -23,6 +23,8 @@ class Conditioning:
         prompt_embeds: [B, L, D] text-encoder hidden states.
         pooled_embeds: [B, P] pooled text embeddings (SDXL, SD3).
         time_ids: [B, 6] SDXL's added time ids (original size, crop, target size).
+        guidance: [B] float, the CFG scale s a guidance-embedded student is asked to reproduce
+            (LCM's w embedding, in the ``u + s (c - u)`` convention); teachers and critics ignore it.
         null_class: the class index used for the unconditional branch.
         null_prompt_embeds: [1, L, D] the empty-prompt embedding.
         null_pooled_embeds: [1, P] its pooled embedding.
@@ -33,6 +35,7 @@ class Conditioning:
     prompt_embeds: Tensor | None = None
     pooled_embeds: Tensor | None = None
     time_ids: Tensor | None = None
+    guidance: Tensor | None = None
     null_class: int | None = None
     null_prompt_embeds: Tensor | None = None
     null_pooled_embeds: Tensor | None = None
@@ -64,6 +67,13 @@ class Conditioning:
         if self.batch_size is None:
             raise ValueError("an empty Conditioning needs batch_size")
         return self.batch_size
+
+    def with_guidance(self, scale: float | Tensor) -> Conditioning:
+        """This batch with ``guidance`` set to ``scale`` (a float or a [B] tensor)."""
+        like = next((getattr(self, n) for n in _BATCHED[:-1] if getattr(self, n) is not None), None)
+        device = like.device if like is not None else None
+        scale = torch.as_tensor(scale, dtype=torch.float32, device=device)
+        return replace(self, guidance=scale.expand(len(self)).clone() if scale.dim() == 0 else scale)
 
     @property
     def has_null(self) -> bool:

@@ -167,3 +167,24 @@ def sid_generator_loss(x_g: Tensor, y_real: Tensor, y_fake: Tensor, alpha: float
         norm = (x - y_r).abs().flatten(1).mean(1).clamp_min(min_norm)
     diff = y_r - y_f
     return (diff * ((y_r - x) - alpha * diff)).flatten(1).sum(1) / norm
+
+
+def consistency_loss(pred: Tensor, target: Tensor, kind: str = "huber", c: float = 1e-3) -> Tensor:
+    """Consistency distillation distance per sample between the student's output and the target's.
+
+    ``"huber"``: the pseudo-Huber metric ``mean_CHW sqrt((pred - target)^2 + c^2) - c`` (Song &
+    Dhariwal 2023, iCT Sec. 3.3; LCM's released training, c = 1e-3); ``"l2"``: ``mean_CHW (pred -
+    target)^2`` (CM, Song et al. 2023, Eq. 8 with d = L2^2; LCM Eq. 9). Both in x0 space.
+
+    Args:
+        pred: [B, ...] the student's output (with grad).
+        target: [B, ...] the target (no grad).
+    Returns:
+        [B] losses.
+    """
+    diff = pred.float() - target.float()
+    if kind == "huber":
+        return (diff.pow(2) + c * c).sqrt().sub(c).flatten(1).mean(1)
+    if kind == "l2":
+        return diff.pow(2).flatten(1).mean(1)
+    raise ValueError(f"unknown consistency loss {kind!r}; expected 'huber' or 'l2'")

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from stepdistill.conditioning import Conditioning
 from stepdistill.denoisers.base import Denoiser
+from stepdistill.denoisers.guidance_embedding import add_guidance_embedding, embedding_dim
 from stepdistill.guidance import guided_predict
 from stepdistill.heads import DiscriminatorHead
 from stepdistill.sampling import ode_sample, renoise_sample
@@ -95,6 +96,88 @@ class Generator(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+
+class ConsistencyGenerator(Generator):
+    """A consistency-distilled student (LCM, multistep / segmented CD; ``algorithms.consistency``).
+
+    - Output in LCM's boundary form (Sec. 4.1, after CM Eq. 7): ``c_skip(t) x_t + c_out(t) x0_hat``
+      with ``c_skip = sd^2 / ((k T)^2 + sd^2)``, ``c_out = k T / sqrt((k T)^2 + sd^2)`` at the
+      backbone timestep T = t (N - 1) (VP) or t N (flow), k = ``timestep_scaling``, sd = ``sigma_data``
+      (diffusers' ``LCMScheduler`` uses the same scalings); ``timestep_scaling=None`` returns x0_hat.
+    - The K-step grid is picked from the M-point solver grid the way ``LCMScheduler.set_timesteps(K)``
+      picks it from ``original_inference_steps = M`` (M = 50, K = 4: 999, 759, 499, 259).
+    - ``sampler="renoise"``: LCM's multistep sampling (fresh noise between steps, as LCMScheduler);
+      ``"ode"``: multistep CD's deterministic DDIM jumps between segment edges.
+    - ``guidance_embedding_dim``: give the student the CFG scale as an input (LCM's w embedding;
+      ``stepdistill.denoisers.guidance_embedding``), used at ``guidance_scale`` unless the condition
+      carries its own.
+
+    Args:
+        denoiser: initial network (the teacher's; deep-copied unless ``copy=False``).
+        steps: default number of sampling steps K.
+        solver_steps: M, the teacher-solver grid the student is trained on (LCM: 50).
+        t_max: must be 1 (kept so configs share the ``generator`` keys).
+    """
+
+    def __init__(self, denoiser: Denoiser, steps: int = 4, solver_steps: int = 50,
+                 timestep_scaling: float | None = 10.0, sigma_data: float = 0.5, sampler: str = "renoise",
+                 guidance_scale: float = 1.0, guidance_embedding_dim: int | None = None, t_max: float = 1.0,
+                 copy: bool = True) -> None:
+        if t_max != 1.0:
+            raise ValueError("a consistency student starts at pure noise: generator.t_max must be 1.0")
+        super().__init__(denoiser, steps=steps, t_max=1.0, copy=copy)
+        if sampler not in ("renoise", "ode"):
+            raise ValueError(f"generator.sampler must be 'renoise' or 'ode', got {sampler!r}")
+        if not 1 <= self.steps <= solver_steps:
+            raise ValueError(f"generator.steps={steps} must be in 1..generator.solver_steps={solver_steps}")
+        self.solver_steps = int(solver_steps)
+        self.timestep_scaling = None if timestep_scaling is None else float(timestep_scaling)
+        self.sigma_data = float(sigma_data)
+        self.sampler = sampler
+        self.guidance_scale = float(guidance_scale)
+        if guidance_embedding_dim and embedding_dim(self.denoiser.backbone) is None:
+            add_guidance_embedding(self.denoiser.backbone, int(guidance_embedding_dim))
+
+    @property
+    def guided(self) -> bool:
+        """Whether the network takes the CFG scale as an input."""
+        return embedding_dim(self.denoiser.backbone) is not None
+
+    def boundary_scalings(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """(c_skip, c_out) [B] in float64 at continuous times ``t`` [B]."""
+        if self.timestep_scaling is None:
+            return torch.zeros_like(t, dtype=torch.float64), torch.ones_like(t, dtype=torch.float64)
+        scaled = self.schedule.to_model_time(t).to(t.device) * self.timestep_scaling
+        sd2 = self.sigma_data ** 2
+        return sd2 / (scaled**2 + sd2), scaled / (scaled**2 + sd2).sqrt()
+
+    def forward(self, x_t: Tensor, t: Tensor | float, cond: Conditioning) -> Tensor:
+        t = torch.as_tensor(t, device=x_t.device, dtype=torch.float64)
+        t = t.expand(x_t.shape[0]) if t.dim() == 0 else t
+        if self.guided and cond.guidance is None:
+            cond = cond.with_guidance(self.guidance_scale)
+        x0 = self.denoiser(x_t, t, cond, out=Prediction.X0)
+        c_skip, c_out = (c.reshape(-1, *([1] * (x_t.dim() - 1))) for c in self.boundary_scalings(t))
+        return (c_skip * x_t.double() + c_out * x0.double()).to(x0.dtype)
+
+    def solver_grid(self) -> Tensor:
+        """The M + 1 descending solver times, the last one 0 (VP, M = 50: 999, 979, ..., 19, then 0)."""
+        return self.schedule.timesteps(self.solver_steps)
+
+    def grid(self, steps: int | None = None) -> Tensor:
+        k = self.steps if steps is None else int(steps)
+        if not 1 <= k <= self.solver_steps:
+            raise ValueError(f"steps must be in 1..{self.solver_steps} (the solver grid), got {k}")
+        index = [(i * self.solver_steps) // k for i in range(k)]
+        return self.solver_grid()[index]
+
+    def sample(self, noise: Tensor, cond: Conditioning, steps: int | None = None, *,
+               generator: torch.Generator | None = None) -> Tensor:
+        if self.sampler == "renoise":
+            return super().sample(noise, cond, steps, generator=generator)
+        grid = torch.cat([self.grid(steps), torch.zeros(1, dtype=torch.float64)])
+        return ode_sample(lambda x, t: self(x, t, cond), self.schedule, noise, len(grid) - 1, grid=grid)
 
 
 class Critic(nn.Module):

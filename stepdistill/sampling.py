@@ -76,3 +76,26 @@ def simulate_to_step(predict_x0: PredictX0, schedule: NoiseSchedule, noise: Tens
         x0 = predict_x0(x, grid[i].expand(x.shape[0]).to(x.device))
         x = schedule.add_noise(x0, torch.randn_like(x0), grid[i + 1].expand(x.shape[0]).to(x.device))
     return x
+
+
+def ddim_jump(schedule: NoiseSchedule, x_t: Tensor, x0: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
+    """The DDIM (VP) / Euler (flow) step from ``x_t`` at ``t`` to ``t_next`` [B] given the predicted
+    ``x0``: ``alpha(t_next) x0 + sigma(t_next) eps_hat``, with ``x0`` itself where ``t_next == 0``
+    (the samplers' last step), in float64, returned in ``x_t``'s dtype."""
+    eps = schedule.from_x0(x0, x_t, t, Prediction.EPS)
+    x_next = schedule.add_noise(x0.double(), eps, t_next)
+    done = (t_next <= 0).reshape(-1, *([1] * (x_t.dim() - 1))).to(x_t.device)
+    return torch.where(done, x0.double(), x_next).to(x_t.dtype)
+
+
+def ddim_invert(schedule: NoiseSchedule, x_next: Tensor, x_t: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
+    """The x0 whose ``ddim_jump`` from (``x_t``, ``t``) lands on ``x_next`` at ``t_next`` [B]
+    (multistep CD's inverse DDIM): ``x_next = A x0 + B x_t`` with ``B = sigma(t_next) / sigma(t)`` and
+    ``A = alpha(t_next) - B alpha(t)``; ``x_next`` itself where ``t_next == 0``."""
+    shape = (-1, *([1] * (x_t.dim() - 1)))
+    t, t_next = t.to(x_t.device), t_next.to(x_t.device)
+    b = (schedule.sigma(t_next) / schedule.sigma(t)).reshape(shape)
+    a = schedule.alpha(t_next).reshape(shape) - b * schedule.alpha(t).reshape(shape)
+    x0 = (x_next.double() - b * x_t.double()) / a
+    done = (t_next <= 0).reshape(shape)
+    return torch.where(done, x_next.double(), x0).to(x_t.dtype)

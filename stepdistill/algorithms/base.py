@@ -76,6 +76,10 @@ class Algorithm(nn.Module):
         """The scalar loss of ``phase`` on ``batch`` at optimizer step ``step``."""
         raise NotImplementedError
 
+    def after_step(self, phase: str, step: int) -> None:
+        """Called by the trainer after optimizer step ``step`` of ``phase`` was applied (not after a
+        skipped one): for state the algorithm keeps outside the optimizer, e.g. an EMA target network."""
+
     # ----------------------------------------------------------------- helpers
     def shared_generator(self, step: int) -> torch.Generator:
         """A CPU generator seeded by (seed, step): the same draws on every process."""

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from stepdistill.conditioning import Conditioning
+from stepdistill.denoisers.guidance_embedding import embedding_dim, guidance_condition
 from stepdistill.schedules import NoiseSchedule, Prediction
 
 
@@ -63,8 +64,17 @@ class Denoiser(nn.Module):
         """
         t = torch.as_tensor(t, device=x_t.device, dtype=torch.float64)
         t = t.expand(x_t.shape[0]) if t.dim() == 0 else t
-        pred = self.raw(x_t, t, cond)
+        pred = self._raw_guided(x_t, t, cond)
         return self.schedule.convert(pred, x_t, t, self.prediction, out).to(x_t.dtype)
+
+    def _raw_guided(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+        """``raw``, with ``cond.guidance`` fed to the guidance embedding when the backbone has one."""
+        if embedding_dim(self.backbone) is None:
+            return self.raw(x_t, t, cond)
+        if cond.guidance is None:
+            raise ValueError("this network has a guidance embedding: give the scale with cond.with_guidance(s)")
+        with guidance_condition(self.backbone, cond.guidance):
+            return self.raw(x_t, t, cond)
 
     def features(self, x_t: Tensor, t: Tensor | float, cond: Conditioning,
                  modules: Sequence[str] | None = None) -> dict[str, Tensor]:
@@ -91,7 +101,8 @@ class Denoiser(nn.Module):
 
         handles = [submodules[n].register_forward_hook(hook(n)) for n in names]
         try:
-            self.raw(x_t, torch.as_tensor(t, device=x_t.device, dtype=torch.float64).expand(x_t.shape[0]), cond)
+            self._raw_guided(x_t, torch.as_tensor(t, device=x_t.device, dtype=torch.float64).expand(x_t.shape[0]),
+                             cond)
         finally:
             for h in handles:
                 h.remove()

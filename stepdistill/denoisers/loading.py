@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from stepdistill.denoisers import guidance_embedding
 from stepdistill.denoisers.base import Denoiser
 from stepdistill.errors import StepdistillError
 from stepdistill.schedules import NoiseSchedule
@@ -114,10 +115,30 @@ def load_denoiser(path: str | Path, *, dtype: torch.dtype | None = None) -> Deno
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise StepdistillError(f"could not load weights from {str(model_dir)!r} (corrupt or "
                                f"incomplete checkpoint?): {first}") from None
+    _restore_guidance_embedding(backbone, config, model_dir)
     scheduler_config = read_scheduler_config(root)
     denoiser = wrap_backbone(backbone, schedule_from_config(scheduler_config))
     denoiser.scheduler_config = scheduler_config
     return denoiser
+
+
+def _restore_guidance_embedding(backbone: torch.nn.Module, config: dict, model_dir: Path) -> None:
+    """Backbones diffusers builds without ``time_cond_proj_dim`` (all but ``UNet2DConditionModel``)
+    drop a student's guidance projection on load: add it back and read its weight from the file."""
+    dim = config.get(guidance_embedding.CONFIG_KEY)
+    if not dim or guidance_embedding.embedding_dim(backbone) is not None:
+        return
+    from safetensors.torch import load_file
+
+    key = "time_embedding.cond_proj.weight"
+    weights = {}
+    for file in sorted(model_dir.glob("*.safetensors")):
+        weights.update({k: v for k, v in load_file(str(file)).items() if k == key})
+    if key not in weights:
+        raise StepdistillError(f"{str(model_dir)!r} declares a guidance embedding ({guidance_embedding.CONFIG_KEY}="
+                               f"{dim}) but its weights have no {key}: the checkpoint is incomplete")
+    guidance_embedding.add_guidance_embedding(backbone, int(dim))
+    backbone.time_embedding.cond_proj.weight.data.copy_(weights[key])
 
 
 def wrap_backbone(backbone: torch.nn.Module, schedule: NoiseSchedule) -> Denoiser:

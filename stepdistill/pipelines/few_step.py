@@ -141,10 +141,21 @@ def load_run(run_dir: str | Path) -> StudentRun:
         raise StepdistillError(f"run {str(root)!r} has no student/ directory (is training finished? "
                                "the trainer writes student/ at the end)")
     config = OmegaConf.load(root / "config.yaml") if (root / "config.yaml").is_file() else OmegaConf.create({})
-    gen_cfg = config.get("generator") or {}
-    generator = Generator(load_denoiser(root / "student"), steps=int(gen_cfg.get("steps", 1) or 1),
-                          t_max=float(gen_cfg.get("t_max", 1.0) or 1.0), copy=False).eval()
+    generator = build_generator(config.get("generator"), load_denoiser(root / "student")).eval()
     return StudentRun(root, config, generator)
+
+
+def build_generator(gen_cfg: Any, denoiser: Any) -> Generator:
+    """The run's ``generator`` node (its ``_target_`` class and settings) around a loaded student
+    ``denoiser`` (not copied); a plain ``Generator`` for configs without a target."""
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    settings = OmegaConf.to_container(gen_cfg, resolve=True) if gen_cfg is not None else {}
+    cls = get_class(settings.pop("_target_", "stepdistill.roles.Generator"))
+    if not (isinstance(cls, type) and issubclass(cls, Generator)):
+        raise StepdistillError(f"generator._target_ {cls!r} is not a stepdistill.roles.Generator")
+    return cls(denoiser, **settings, copy=False)
 
 
 # --------------------------------------------------------------------------- the pipeline

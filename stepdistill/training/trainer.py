@@ -165,6 +165,7 @@ class Trainer:
         if finite:
             opt.step()
             self.schedules[phase].step()
+            self.algorithm.after_step(phase, step)
             if self.ema is not None and phase in self.ema_phases:
                 self.ema.update(unwrap(self.algorithm.generator))
         elif self.accelerator.scaler is not None:
@@ -343,11 +344,12 @@ class _ModuleBuffers:
 
 
 def _untrained_state(algorithm: Algorithm, trained: list[nn.Module]) -> dict[str, nn.Module]:
-    """The algorithm's direct submodules that hold buffers but are neither trained (``trained``: the
-    modules before and after ``prepare``, which may wrap them) nor the teacher."""
+    """The algorithm's direct submodules that hold state (buffers, or frozen parameters such as an EMA
+    target network) but are neither trained (``trained``: the modules before and after ``prepare``,
+    which may wrap them) nor the teacher."""
     skip = {id(m) for m in trained} | {id(algorithm.teacher)}
     return {name: child for name, child in algorithm.named_children()
-            if id(child) not in skip and any(True for _ in child.buffers())}
+            if id(child) not in skip and len(child.state_dict()) > 0}
 
 
 def _slice(batch: Batch, start: int, stop: int, device: torch.device) -> Batch:

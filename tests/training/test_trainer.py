@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import trainer_helpers
 from trainer_helpers import tiny_algorithm
 
 from stepdistill.cli import main
@@ -319,3 +320,31 @@ def test_untrained_algorithm_buffers_are_checkpointed_and_restored(tmp_path, tas
     fresh.tracker.register_buffer("running", torch.zeros(3, dtype=torch.float64))
     make_trainer(tmp_path / "run", task, algorithm=fresh, max_steps=4, resume="auto").fit()
     assert fresh.tracker.running.tolist() == [4.0, 6.0, 2.0]
+
+
+def test_an_ema_target_network_resumes_with_the_run(tmp_path, task):
+    """Consistency distillation's EMA target (frozen parameters the algorithm updates in
+    ``after_step``) is checkpointed: a resumed run continues the same losses and target."""
+    from stepdistill.algorithms.consistency import ConsistencyDistillation
+    from stepdistill.roles import ConsistencyGenerator
+
+    def build():
+        roles = trainer_helpers.tiny_roles()
+        generator = ConsistencyGenerator(roles["teacher"].denoiser, steps=2, solver_steps=8)
+        return ConsistencyDistillation(roles["teacher"], generator, segments=[2, 1], stage_steps=[3],
+                                       target_decay=0.5)
+
+    optim = OptimConfig(lr=1e-2, warmup_steps=2)
+    full = make_trainer(tmp_path / "full", task, algorithm=build(), optim=optim, checkpoint_every=4,
+                        keep_last=0).fit()
+    start = params(build().target)
+    assert not same(start, params(full.algorithm.target))  # the target moved with the student
+    (tmp_path / "resumed/checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "full/checkpoints/checkpoint-4", tmp_path / "resumed/checkpoints/checkpoint-4")
+    resumed = make_trainer(tmp_path / "resumed", task, algorithm=build(), optim=optim, resume="auto",
+                           checkpoint_every=4, keep_last=0).fit()
+    assert resumed.start_step == 4
+    for a, b in zip(full.history, resumed.history, strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-6, (a, b)
+    a, b = params(full.algorithm.target), params(resumed.algorithm.target)
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)

@@ -1,0 +1,158 @@
+"""Consistency distillation: LCM, multistep CD and trajectory-segmented CD (one module).
+
+- LCM (Luo et al. 2023, Alg. 1 / Eq. 9): noise a real sample x0 to a solver point t_n (M-point grid,
+  skip 1 on it, i.e. k = N / M table steps); the teacher makes one guided DDIM (VP) / Euler (flow)
+  step to t_{n-1} at a CFG scale s drawn from [s_min, s_max] that the student also receives (its
+  guidance embedding); the target is the target network's output at t_{n-1} (an EMA of the student,
+  decay 0.95, or the online student without grad), and the student matches it at t_n in x0 space
+  with a pseudo-Huber or L2 distance. The student's boundary form is ``ConsistencyGenerator``'s.
+- Multistep CD (Heek et al. 2024, Alg. 1-2): the grid is cut into S segments; inside a segment the
+  consistency target is the state at the segment's lower edge, reached by a DDIM jump from the
+  target's x0 at t_{n-1}, and turned back into an x0 target by inverting the student's own jump
+  from t_n (``ddim_invert``). S = 1 is LCM; sampling takes S jumps (``sampler="ode"``).
+- Trajectory-segmented CD (Hyper-SD, Ren et al. 2024, Sec. 3.1): a schedule of segment counts
+  (8 -> 4 -> 2 -> 1) run as consecutive stages of one job, each from the previous stage's weights;
+  the target network restarts from the student at each stage.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from stepdistill.algorithms.base import Algorithm, Batch, LossOutput, unwrap
+from stepdistill.errors import StepdistillError
+from stepdistill.losses import consistency_loss
+from stepdistill.roles import ConsistencyGenerator, Teacher
+from stepdistill.sampling import ddim_invert, ddim_jump
+
+
+class ConsistencyDistillation(Algorithm):
+    """LCM / multistep CD / TSCD over any teacher and a ``ConsistencyGenerator``.
+
+    Args:
+        teacher: the frozen teacher (its solver makes the one-step ODE targets).
+        generator: the student (its ``solver_steps`` is the grid M; its boundary form and guidance
+            embedding are part of it).
+        segments: S, or a list of segment counts run as stages (TSCD, with ``stage_steps``).
+        stage_steps: optimizer steps of each stage but the last (which runs to the end).
+        guidance_scale: the teacher's CFG scale when no range is given (None: the teacher's).
+        guidance_min, guidance_max: the range s is drawn from per sample (LCM: w in [3, 15], i.e.
+            s in [4, 16]); a range needs a guidance-embedded student.
+        target_decay: EMA decay of the target network (LCM: 0.95); 0 uses the online student
+            without grad (no extra copy).
+        loss: "huber" (pseudo-Huber, c = ``huber_c``) or "l2".
+        seed: seed of the choices shared by all processes (none so far; kept for the interface).
+    """
+
+    phases = ("generator",)
+
+    def __init__(self, teacher: Teacher, generator: ConsistencyGenerator, *, segments: int | list[int] = 1,
+                 stage_steps: list[int] | None = None, guidance_scale: float | None = None,
+                 guidance_min: float | None = None, guidance_max: float | None = None,
+                 target_decay: float = 0.95, loss: str = "huber", huber_c: float = 1e-3, seed: int = 0) -> None:
+        super().__init__(teacher, generator, seed)
+        if not isinstance(unwrap(generator), ConsistencyGenerator):
+            raise StepdistillError("consistency distillation needs generator._target_="
+                                   "stepdistill.roles.ConsistencyGenerator (its boundary form and solver grid)")
+        self.segments = [int(s) for s in (segments if isinstance(segments, (list, tuple)) else [segments])]
+        self.stage_steps = [int(s) for s in (stage_steps or [])]
+        self._check_segments(unwrap(generator).solver_steps)
+        scale = teacher.guidance_scale if guidance_scale is None else float(guidance_scale)
+        self.guidance_range = (scale, scale) if guidance_min is None and guidance_max is None else \
+            (float(guidance_min if guidance_min is not None else scale), float(guidance_max or scale))
+        if self.guidance_range[0] != self.guidance_range[1] and not unwrap(generator).guided:
+            raise StepdistillError("a guidance range (algorithm.guidance_min < guidance_max) needs a student that "
+                                   "takes the scale: set generator.guidance_embedding_dim (e.g. 256)")
+        if loss not in ("huber", "l2"):
+            raise StepdistillError(f"algorithm.loss must be 'huber' or 'l2', got {loss!r}")
+        self.loss_kind, self.huber_c = loss, float(huber_c)
+        self.target_decay = float(target_decay)
+        self.target = _frozen_copy(unwrap(generator)) if self.target_decay > 0 else None
+        self._stage = 0
+
+    def _check_segments(self, solver_steps: int) -> None:
+        if len(self.stage_steps) != len(self.segments) - 1:
+            raise StepdistillError(f"algorithm.stage_steps needs {len(self.segments) - 1} entries (one per stage but "
+                                   f"the last) for segments={self.segments}, got {self.stage_steps}")
+        for s in self.segments:
+            if s < 1 or solver_steps % s:
+                raise StepdistillError(f"algorithm.segments={s} must divide generator.solver_steps={solver_steps}")
+
+    def trainable(self, phase: str) -> list[nn.Module]:
+        return [self.generator]
+
+    def train(self, mode: bool = True) -> ConsistencyDistillation:
+        super().train(mode)
+        if self.target is not None:
+            self.target.train(False)
+        return self
+
+    def stage(self, step: int) -> int:
+        """The TSCD stage optimizer step ``step`` belongs to (0 without stages)."""
+        ends = torch.tensor(self.stage_steps).cumsum(0).tolist()
+        return sum(step >= e for e in ends)
+
+    @torch.no_grad()
+    def after_step(self, phase: str, step: int) -> None:
+        """EMA update of the target network (LCM Alg. 1, last line); a new TSCD stage restarts it."""
+        if self.target is None:
+            return
+        online = unwrap(self.generator)
+        new_stage = self.stage(step + 1) != self.stage(step)
+        decay = 0.0 if new_stage else self.target_decay
+        for p_target, p in zip(self.target.parameters(), online.parameters(), strict=True):
+            p_target.lerp_(p.detach().to(p_target.dtype), 1.0 - decay)
+
+    # ----------------------------------------------------------------- the loss
+    def loss(self, phase: str, batch: Batch, step: int) -> LossOutput:
+        if batch.x0 is None:
+            raise StepdistillError("consistency distillation noises real samples: this task gives none "
+                                   "(use a dataset task, or image_captions data for text teachers)")
+        gen = unwrap(self.generator)
+        schedule, x0 = self.teacher.schedule, batch.x0
+        t, t_prev, t_edge = self._times(gen, len(x0), self.segments[self.stage(step)], x0.device)
+        scale = self._draw_scale(len(x0), x0.device)
+        cond = batch.cond.with_guidance(scale) if gen.guided else batch.cond
+        x_t = schedule.add_noise(x0, torch.randn_like(x0), t)
+        with torch.no_grad():
+            target = self._target_x0(x_t, t, t_prev, t_edge, batch, cond, scale)
+        pred = self.generator(x_t, t, cond)
+        per_sample = consistency_loss(pred, target, self.loss_kind, self.huber_c)
+        return LossOutput(per_sample.mean(), {"consistency_loss": per_sample.mean().detach()})
+
+    def _times(self, gen: ConsistencyGenerator, n: int, segments: int, device) -> tuple[Tensor, Tensor, Tensor]:
+        """Per sample: t_n (uniform over the M solver points), t_{n-1} one solver step below, and the
+        lower edge of t_n's segment (0 for S = 1)."""
+        grid = gen.solver_grid().to(device)
+        m = gen.solver_steps
+        index = torch.randint(0, m, (n,), device=device)          # descending index of t_n
+        per_segment = m // segments
+        edge_ascending = ((m - index - 1) // per_segment) * per_segment
+        return grid[index], grid[index + 1], grid[m - edge_ascending]
+
+    def _draw_scale(self, n: int, device) -> Tensor | float:
+        lo, hi = self.guidance_range
+        if lo == hi:
+            return lo
+        return lo + (hi - lo) * torch.rand(n, device=device)
+
+    def _target_x0(self, x_t: Tensor, t: Tensor, t_prev: Tensor, t_edge: Tensor, batch: Batch, cond,
+                   scale: Tensor | float) -> Tensor:
+        """The x0 target at t_n: one teacher solver step to t_{n-1}, the target network's jump from
+        there to the segment edge (none when t_{n-1} is the edge), inverted back through t_n."""
+        schedule = self.teacher.schedule
+        x0_teacher = self.teacher.predict(x_t, t, batch.cond, guidance_scale=scale)
+        x_prev = ddim_jump(schedule, x_t, x0_teacher, t, t_prev)
+        target_net = self.target if self.target is not None else unwrap(self.generator)
+        x0_prev = target_net(x_prev, t_prev, cond)
+        on_edge = (t_prev <= t_edge).reshape(-1, *([1] * (x_t.dim() - 1)))
+        x_edge = torch.where(on_edge, x_prev, ddim_jump(schedule, x_prev, x0_prev, t_prev, t_edge))
+        return ddim_invert(schedule, x_edge, x_t, t, t_edge)
+
+
+def _frozen_copy(module: nn.Module) -> nn.Module:
+    out = copy.deepcopy(module)
+    return out.eval().requires_grad_(False)
