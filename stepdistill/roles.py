@@ -17,6 +17,7 @@ from stepdistill.denoisers.base import Denoiser
 from stepdistill.denoisers.guidance_embedding import add_guidance_embedding, embedding_dim
 from stepdistill.guidance import guided_predict
 from stepdistill.heads import DiscriminatorHead
+from stepdistill.lora import adapters_disabled, add_lora, has_lora
 from stepdistill.sampling import ode_sample, renoise_sample
 from stepdistill.schedules import NoiseSchedule, Prediction
 
@@ -46,7 +47,12 @@ class Teacher(nn.Module):
                 out: Prediction = Prediction.X0, guidance_scale: float | Tensor | None = None) -> Tensor:
         """The guided prediction in ``out`` at (x_t [B, ...], t [B], cond)."""
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
-        return guided_predict(self.denoiser, x_t, t, cond, scale, out=out)
+        with adapters_disabled(self.denoiser.backbone):  # a LoRA student shares this network
+            return guided_predict(self.denoiser, x_t, t, cond, scale, out=out)
+
+    def base_parameters(self) -> list[nn.Parameter]:
+        """The teacher's own weights (not a LoRA student's adapters injected into its network)."""
+        return [p for n, p in self.named_parameters() if ".lora_" not in n]
 
     @torch.no_grad()
     def sample(self, noise: Tensor, cond: Conditioning, steps: int, *,
@@ -65,14 +71,25 @@ class Generator(nn.Module):
     """A 1..K-step generator: ``forward(x_t, t, cond) -> x0``.
 
     Args:
-        denoiser: initial network; deep-copied unless ``copy=False`` (LoRA / adapters on a shared base).
+        denoiser: initial network; deep-copied unless ``copy=False`` or LoRA is on.
         steps: the default number of sampling steps K.
         t_max: the time the first step starts from (1.0: pure noise; SiD-LSG uses 0.625).
+        lora_rank: train LoRA adapters of this rank injected into ``denoiser`` itself (shared with the
+            teacher, which runs with them disabled: one copy of the base) instead of a full copy.
+        lora_alpha: LoRA scale numerator (scale = alpha / rank; default: the rank).
+        lora_target_modules: module names (suffixes) or a regex that receive adapters.
     """
 
-    def __init__(self, denoiser: Denoiser, steps: int = 1, t_max: float = 1.0, copy: bool = True) -> None:
+    def __init__(self, denoiser: Denoiser, steps: int = 1, t_max: float = 1.0, copy: bool = True,
+                 lora_rank: int | None = None, lora_alpha: float | None = None,
+                 lora_target_modules: list[str] | str | None = None) -> None:
         super().__init__()
-        self.denoiser = _trainable_copy(denoiser) if copy else denoiser
+        if lora_rank:
+            if not has_lora(denoiser.backbone):
+                add_lora(denoiser.backbone, lora_rank, lora_alpha, lora_target_modules)
+            self.denoiser = denoiser
+        else:
+            self.denoiser = _trainable_copy(denoiser) if copy else denoiser
         self.steps = int(steps)
         self.t_max = float(t_max)
 
@@ -93,6 +110,11 @@ class Generator(nn.Module):
         """x0 after ``steps`` generator steps from ``noise`` [B, ...] (re-noising between steps)."""
         return renoise_sample(lambda x, t: self(x, t, cond), self.schedule, noise, self.grid(steps),
                               generator=generator)
+
+    def settings(self) -> dict:
+        """The ``generator`` config node that rebuilds this sampler around a saved student."""
+        return {"_target_": f"{type(self).__module__}.{type(self).__qualname__}", "steps": self.steps,
+                "t_max": self.t_max}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -123,10 +145,15 @@ class ConsistencyGenerator(Generator):
     def __init__(self, denoiser: Denoiser, steps: int = 4, solver_steps: int = 50,
                  timestep_scaling: float | None = 10.0, sigma_data: float = 0.5, sampler: str = "renoise",
                  guidance_scale: float = 1.0, guidance_embedding_dim: int | None = None, t_max: float = 1.0,
-                 copy: bool = True) -> None:
+                 copy: bool = True, lora_rank: int | None = None, lora_alpha: float | None = None,
+                 lora_target_modules: list[str] | str | None = None) -> None:
         if t_max != 1.0:
             raise ValueError("a consistency student starts at pure noise: generator.t_max must be 1.0")
-        super().__init__(denoiser, steps=steps, t_max=1.0, copy=copy)
+        if lora_rank and guidance_embedding_dim:
+            raise ValueError("a LoRA student shares the teacher's network, which cannot take a guidance embedding: "
+                             "set generator.guidance_embedding_dim=null (LCM-LoRA trains at one CFG scale)")
+        super().__init__(denoiser, steps=steps, t_max=1.0, copy=copy, lora_rank=lora_rank, lora_alpha=lora_alpha,
+                         lora_target_modules=lora_target_modules)
         if sampler not in ("renoise", "ode"):
             raise ValueError(f"generator.sampler must be 'renoise' or 'ode', got {sampler!r}")
         if not 1 <= self.steps <= solver_steps:
@@ -138,6 +165,10 @@ class ConsistencyGenerator(Generator):
         self.guidance_scale = float(guidance_scale)
         if guidance_embedding_dim and embedding_dim(self.denoiser.backbone) is None:
             add_guidance_embedding(self.denoiser.backbone, int(guidance_embedding_dim))
+
+    def settings(self) -> dict:
+        return {**super().settings(), "solver_steps": self.solver_steps, "timestep_scaling": self.timestep_scaling,
+                "sigma_data": self.sigma_data, "sampler": self.sampler, "guidance_scale": self.guidance_scale}
 
     @property
     def guided(self) -> bool:

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from stepdistill.algorithms.base import Algorithm, Batch, LossOutput, unwrap
 from stepdistill.errors import StepdistillError
+from stepdistill.lora import LoraEMA, has_lora
 from stepdistill.losses import consistency_loss
 from stepdistill.roles import ConsistencyGenerator, Teacher
 from stepdistill.sampling import ddim_invert, ddim_jump
@@ -42,7 +43,7 @@ class ConsistencyDistillation(Algorithm):
         guidance_min, guidance_max: the range s is drawn from per sample (LCM: w in [3, 15], i.e.
             s in [4, 16]); a range needs a guidance-embedded student.
         target_decay: EMA decay of the target network (LCM: 0.95); 0 uses the online student
-            without grad (no extra copy).
+            without grad (no extra copy). A LoRA student's target is an EMA of its adapters only.
         loss: "huber" (pseudo-Huber, c = ``huber_c``) or "l2".
         seed: seed of the choices shared by all processes (none so far; kept for the interface).
     """
@@ -70,7 +71,7 @@ class ConsistencyDistillation(Algorithm):
             raise StepdistillError(f"algorithm.loss must be 'huber' or 'l2', got {loss!r}")
         self.loss_kind, self.huber_c = loss, float(huber_c)
         self.target_decay = float(target_decay)
-        self.target = _frozen_copy(unwrap(generator)) if self.target_decay > 0 else None
+        self.target = _target_network(unwrap(generator)) if self.target_decay > 0 else None
         self._stage = 0
 
     def _check_segments(self, solver_steps: int) -> None:
@@ -100,11 +101,8 @@ class ConsistencyDistillation(Algorithm):
         """EMA update of the target network (LCM Alg. 1, last line); a new TSCD stage restarts it."""
         if self.target is None:
             return
-        online = unwrap(self.generator)
         new_stage = self.stage(step + 1) != self.stage(step)
-        decay = 0.0 if new_stage else self.target_decay
-        for p_target, p in zip(self.target.parameters(), online.parameters(), strict=True):
-            p_target.lerp_(p.detach().to(p_target.dtype), 1.0 - decay)
+        self.target.update(unwrap(self.generator), 0.0 if new_stage else self.target_decay)
 
     # ----------------------------------------------------------------- the loss
     def loss(self, phase: str, batch: Batch, step: int) -> LossOutput:
@@ -146,13 +144,45 @@ class ConsistencyDistillation(Algorithm):
         schedule = self.teacher.schedule
         x0_teacher = self.teacher.predict(x_t, t, batch.cond, guidance_scale=scale)
         x_prev = ddim_jump(schedule, x_t, x0_teacher, t, t_prev)
-        target_net = self.target if self.target is not None else unwrap(self.generator)
-        x0_prev = target_net(x_prev, t_prev, cond)
+        online = unwrap(self.generator)
+        x0_prev = online(x_prev, t_prev, cond) if self.target is None else self.target.predict(online, x_prev, t_prev, cond)
         on_edge = (t_prev <= t_edge).reshape(-1, *([1] * (x_t.dim() - 1)))
         x_edge = torch.where(on_edge, x_prev, ddim_jump(schedule, x_prev, x0_prev, t_prev, t_edge))
         return ddim_invert(schedule, x_edge, x_t, t, t_edge)
 
 
-def _frozen_copy(module: nn.Module) -> nn.Module:
-    out = copy.deepcopy(module)
-    return out.eval().requires_grad_(False)
+def _target_network(generator: ConsistencyGenerator) -> nn.Module:
+    """An EMA copy of the student, or for a LoRA student an EMA of its adapters alone."""
+    return _LoraTarget(generator) if has_lora(generator.denoiser.backbone) else _EMACopy(generator)
+
+
+class _EMACopy(nn.Module):
+    """The target network as a frozen copy of the whole student."""
+
+    def __init__(self, generator: ConsistencyGenerator) -> None:
+        super().__init__()
+        self.model = copy.deepcopy(generator).eval().requires_grad_(False)
+
+    def predict(self, online: ConsistencyGenerator, x_t: Tensor, t: Tensor, cond) -> Tensor:
+        return self.model(x_t, t, cond)
+
+    @torch.no_grad()
+    def update(self, online: ConsistencyGenerator, decay: float) -> None:
+        for p_target, p in zip(self.model.parameters(), online.parameters(), strict=True):
+            p_target.lerp_(p.detach().to(p_target.dtype), 1.0 - decay)
+
+
+class _LoraTarget(nn.Module):
+    """The target network of a LoRA student: the shared base with the EMA adapter weights swapped in
+    (two LoRA copies in memory instead of a second base)."""
+
+    def __init__(self, generator: ConsistencyGenerator) -> None:
+        super().__init__()
+        self.ema = LoraEMA(generator.denoiser.backbone)
+
+    def predict(self, online: ConsistencyGenerator, x_t: Tensor, t: Tensor, cond) -> Tensor:
+        with self.ema.swapped_in(online.denoiser.backbone):
+            return online(x_t, t, cond)
+
+    def update(self, online: ConsistencyGenerator, decay: float) -> None:
+        self.ema.update(online.denoiser.backbone, decay)

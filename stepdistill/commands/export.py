@@ -3,7 +3,8 @@
 ``format=diffusers`` writes a directory diffusers loads and samples without stepdistill
 (``stepdistill.pipelines.export``): a StableDiffusion(XL)Pipeline for text students, ``unet/`` +
 ``scheduler/`` for class-conditional ones. ``out`` defaults to ``<run>/export/diffusers``.
-``format=lora`` comes with LoRA generators (a later release).
+``format=lora`` writes a LoRA student's adapters for ``pipe.load_lora_weights(out)`` on the
+teacher's pipeline (``stepdistill.pipelines.export_lora``); ``out`` defaults to ``<run>/export/lora``.
 """
 
 from __future__ import annotations
@@ -24,9 +25,6 @@ def run(overrides: Sequence[str]) -> Path:
 
     args = parse_args(overrides, KEYS, "export")
     fmt = args.get("format", "diffusers")
-    if fmt == "lora":
-        raise StepdistillError("format=lora is not yet supported (it comes with LoRA generators); use "
-                               "format=diffusers for a full diffusers directory")
     if fmt not in FORMATS:
         raise StepdistillError(f"unknown format {fmt!r}; allowed: {', '.join(FORMATS)}")
     if not args.get("run"):
@@ -37,8 +35,15 @@ def run(overrides: Sequence[str]) -> Path:
     if not (root / "student").is_dir():
         raise StepdistillError(f"run {str(root)!r} has no student/ directory (is training finished? the "
                                "trainer writes student/ at the end)")
-    out = Path(args.get("out") or root / "export" / "diffusers")
-    written = export_diffusers(root, args.get("teacher"), out, args.get("steps"),
-                               overwrite=bool(args.get("overwrite", False)))
+    out = Path(args.get("out") or root / "export" / fmt)
+    overwrite = bool(args.get("overwrite", False))
+    if fmt == "lora":
+        from stepdistill.pipelines.export_lora import export_lora
+
+        written = export_lora(root, out, args.get("steps"), overwrite=overwrite)
+        print(f"exported the LoRA adapters to {written}/ (see README.md there: load_lora_weights on the teacher's "
+              "pipeline, LCMScheduler from its scheduler/)")
+        return written
+    written = export_diffusers(root, args.get("teacher"), out, args.get("steps"), overwrite=overwrite)
     print(f"exported to {written}/ (see README.md there; sample with guidance_scale={GUIDANCE_SCALE})")
     return written

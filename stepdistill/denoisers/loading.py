@@ -157,13 +157,26 @@ def model_subfolder(backbone: torch.nn.Module) -> str:
     return "transformer" if "Transformer" in name else "denoiser"
 
 
+#: the file diffusers' ``load_lora_weights(dir)`` reads
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
 def save_denoiser(denoiser: Denoiser, directory: str | Path) -> Path:
     """Write ``denoiser`` as a directory ``load_denoiser`` (and diffusers) read back: the backbone
     under unet/ | transformer/ | denoiser/ (safetensors) and scheduler/scheduler_config.json (the
-    teacher's own scheduler config when known)."""
+    teacher's own scheduler config when known). A LoRA student is written merged (a plain model),
+    with its adapters alone in ``lora/pytorch_lora_weights.safetensors`` (diffusers' LoRA layout)."""
+    from stepdistill import lora
+
     out = Path(directory)
     backbone = denoiser.backbone
     backbone = getattr(backbone, "module", backbone)
+    if lora.has_lora(backbone):
+        from safetensors.torch import save_file
+
+        (out / "lora").mkdir(parents=True, exist_ok=True)
+        save_file(lora.diffusers_lora_state_dict(backbone), str(out / "lora" / LORA_WEIGHTS))
+        backbone = lora.merged_backbone(backbone)
     backbone.save_pretrained(out / model_subfolder(backbone))
     config = getattr(denoiser, "scheduler_config", None) or denoiser.schedule.to_diffusers_config()
     (out / "scheduler").mkdir(parents=True, exist_ok=True)

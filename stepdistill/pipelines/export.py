@@ -87,12 +87,14 @@ CLASS_BACKBONES = ("UNet2DModel",)
 
 # --------------------------------------------------------------------------- the scheduler
 def few_step_scheduler(schedule: NoiseSchedule, base_config: dict | None = None,
-                       prediction: Prediction | str | None = None, t_max: float = 1.0) -> Any:
+                       prediction: Prediction | str | None = None, t_max: float = 1.0, *,
+                       timestep_scaling: float | None = None, original_steps: int | None = None) -> Any:
     """The diffusers scheduler whose ``step`` is the generator's re-noising step (module docstring).
 
     VP: ``LCMScheduler`` on the teacher's table (``base_config``'s beta fields, else the schedule's
     own betas), ``original_inference_steps`` = ``lcm_original_steps`` (N for a generator starting
-    at t_max = 1), ``timestep_scaling = 1e6``. Flow: the teacher's
+    at t_max = 1), ``timestep_scaling = 1e6``; a consistency student passes its own boundary scaling
+    and solver grid (``timestep_scaling = 10``, ``original_steps = 50`` for LCM). Flow: the teacher's
     ``FlowMatchEulerDiscreteScheduler`` with ``stochastic_sampling=True`` (x0 = x - sigma v, then
     re-noised to the next sigma with fresh noise).
     """
@@ -107,8 +109,9 @@ def few_step_scheduler(schedule: NoiseSchedule, base_config: dict | None = None,
         raise StepdistillError("a flow-prediction backbone needs a flow schedule")
     n = schedule.num_train_timesteps
     # steps_offset is unused by LCM; 1 keeps the SD pipelines from warning and rewriting the config
-    overrides = dict(num_train_timesteps=n, original_inference_steps=lcm_original_steps(schedule, t_max),
-                     timestep_scaling=TIMESTEP_SCALING,
+    overrides = dict(num_train_timesteps=n,
+                     original_inference_steps=original_steps or lcm_original_steps(schedule, t_max),
+                     timestep_scaling=timestep_scaling or TIMESTEP_SCALING,
                      prediction_type=prediction.to_diffusers(), clip_sample=False, thresholding=False,
                      set_alpha_to_one=True, steps_offset=1, timestep_spacing="trailing")
     scheduler = LCMScheduler.from_config({**_fit(LCMScheduler, base_config or {}), **overrides})
@@ -172,6 +175,43 @@ class _Student:
     t_max: float
     write_unet: Any  # callable(dest: Path)
     teacher_dir: Path | None = None
+    consistency: dict | None = None  # a ConsistencyGenerator's timestep_scaling, solver_steps, sampler, ...
+
+    @property
+    def original_steps(self) -> int:
+        """LCMScheduler's ``original_inference_steps`` for this student."""
+        if self.consistency:
+            return int(self.consistency["solver_steps"])
+        return lcm_original_steps(self.schedule, self.t_max)
+
+    def grid(self, steps: int) -> list[int] | list[float]:
+        """The backbone timesteps of the student's ``steps``-step grid."""
+        if self.consistency:
+            return lcm_timesteps(self.schedule.num_train_timesteps, steps, self.original_steps)
+        return generator_timesteps(self.schedule, steps, self.t_max)
+
+    def scheduler(self) -> Any:
+        c = self.consistency or {}
+        return few_step_scheduler(self.schedule, self.base_scheduler_config, self.prediction, self.t_max,
+                                  timestep_scaling=c.get("timestep_scaling"),
+                                  original_steps=self.original_steps if c else None)
+
+    @property
+    def guidance_scale(self) -> float:
+        """What to pass as the pipeline's ``guidance_scale``: the student's own scale when it takes one
+        through ``time_cond_proj_dim`` (the SD pipelines embed it), else 1 (no CFG)."""
+        if self.consistency and self.unet_config.get("time_cond_proj_dim"):
+            return float(self.consistency.get("guidance_scale", GUIDANCE_SCALE))
+        return GUIDANCE_SCALE
+
+
+CONSISTENCY_KEYS = ("timestep_scaling", "solver_steps", "sampler", "guidance_scale")
+
+
+def _consistency_settings(settings: dict) -> dict | None:
+    if "solver_steps" not in settings:
+        return None
+    return {k: settings.get(k) for k in CONSISTENCY_KEYS}
 
 
 def _student_from_generator(generator: Generator) -> _Student:
@@ -180,9 +220,10 @@ def _student_from_generator(generator: Generator) -> _Student:
     def write(dest: Path) -> None:
         backbone.save_pretrained(dest, safe_serialization=True)
 
+    consistency = _consistency_settings(vars(generator)) if hasattr(generator, "solver_steps") else None
     return _Student(type(backbone).__name__, dict(backbone.config), generator.schedule,
                     generator.denoiser.prediction, getattr(generator.denoiser, "scheduler_config", None),
-                    generator.steps, generator.t_max, write)
+                    generator.steps, generator.t_max, write, consistency=consistency)
 
 
 def _student_from_dir(path: str | Path) -> _Student:
@@ -197,13 +238,14 @@ def _student_from_dir(path: str | Path) -> _Student:
     )
 
     root = resolve_local_dir(path, "student")
-    steps, t_max, teacher = 1, 1.0, None
+    steps, t_max, teacher, consistency = 1, 1.0, None, None
     if (root / "config.yaml").is_file() or (root / "student").is_dir():  # a run directory
         if not (root / "student").is_dir():
             raise StepdistillError(f"run {str(root)!r} has no student/ directory (is training finished?)")
         config = OmegaConf.load(root / "config.yaml") if (root / "config.yaml").is_file() else {}
         gen = config.get("generator") or {}
         steps, t_max = int(gen.get("steps", 1) or 1), float(gen.get("t_max", 1.0) or 1.0)
+        consistency = _consistency_settings(dict(gen))
         teacher_path = (config.get("teacher") or {}).get("path")
         teacher = Path(str(teacher_path)) if teacher_path else None
         root = root / "student"
@@ -216,7 +258,7 @@ def _student_from_dir(path: str | Path) -> _Student:
         shutil.copytree(model_dir, dest)
 
     return _Student(unet_config.get("_class_name", "?"), unet_config, schedule, schedule.prediction,
-                    scheduler_config, steps, t_max, write, teacher)
+                    scheduler_config, steps, t_max, write, teacher, consistency)
 
 
 # --------------------------------------------------------------------------- output directories
@@ -265,6 +307,7 @@ def export_diffusers(student: Generator | str | Path, teacher_dir: str | Path | 
     if info.class_name not in TEXT_BACKBONES + CLASS_BACKBONES + ("SD3Transformer2DModel",):
         raise StepdistillError(f"cannot export a {info.class_name} student to diffusers: supported backbones "
                                f"are {', '.join(TEXT_BACKBONES + CLASS_BACKBONES)}")
+    _check_consistency_export(info)
     if info.schedule.kind != "vp":
         raise StepdistillError(f"format=diffusers export of flow-matching students ({info.class_name}) is not "
                                "yet supported (StableDiffusion3Pipeline does not pass its generator to the "
@@ -282,14 +325,26 @@ def export_diffusers(student: Generator | str | Path, teacher_dir: str | Path | 
         else:
             pipeline = None
             info.write_unet(tmp / "unet")
-        scheduler = few_step_scheduler(info.schedule, info.base_scheduler_config, info.prediction, info.t_max)
-        scheduler.save_config(tmp / "scheduler")
+        info.scheduler().save_config(tmp / "scheduler")
         _write_notes(tmp, out, info, pipeline, steps)
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _check_consistency_export(info: _Student) -> None:
+    """What LCMScheduler cannot reproduce: deterministic multistep-CD sampling, and a class UNet's
+    guidance embedding (diffusers' UNet2DModel has no ``timestep_cond``)."""
+    if not info.consistency:
+        return
+    if info.consistency.get("sampler") == "ode":
+        raise StepdistillError("export of a multistep-CD student (generator.sampler=ode: deterministic DDIM jumps) "
+                               "is not yet supported; LCM students (sampler=renoise) export with LCMScheduler")
+    if info.class_name in CLASS_BACKBONES and info.unet_config.get("time_cond_proj_dim"):
+        raise StepdistillError("a UNet2DModel student with a guidance embedding cannot be exported: diffusers' "
+                               "UNet2DModel takes no timestep_cond (train with generator.guidance_embedding_dim=null)")
 
 
 def _write_text_export(info: _Student, teacher_dir: str | Path | None, tmp: Path) -> str:
@@ -324,21 +379,28 @@ def _write_text_export(info: _Student, teacher_dir: str | Path | None, tmp: Path
     return pipeline
 
 
+def _guidance_note(info: _Student, pipeline: str) -> str:
+    if info.guidance_scale != GUIDANCE_SCALE:
+        return (f"`guidance_scale={info.guidance_scale}` is the scale the student reproduces in one forward: the "
+                "pipeline gives it to the UNet's guidance embedding (`time_cond_proj_dim`) and runs no CFG")
+    return f"`guidance_scale={GUIDANCE_SCALE}` turns classifier-free guidance off (the {pipeline} default runs it)"
+
+
 def _write_notes(tmp: Path, out: Path, info: _Student, pipeline: str | None, steps: int) -> None:
     n = info.schedule.num_train_timesteps
-    m = lcm_original_steps(info.schedule, info.t_max)
-    grids = {str(k): generator_timesteps(info.schedule, k, info.t_max) for k in range(1, 9)}
+    m = info.original_steps
+    grids = {str(k): info.grid(k) for k in range(1, 9)}
     exact = [k for k in range(1, 9) if lcm_timesteps(n, k, m) == grids[str(k)]]
     notes = {
         "format": "diffusers", "pipeline": pipeline, "backbone": info.class_name, "steps": steps,
-        "guidance_scale": GUIDANCE_SCALE, "scheduler": "LCMScheduler",
+        "guidance_scale": info.guidance_scale, "scheduler": "LCMScheduler",
         "prediction_type": info.prediction.to_diffusers(), "num_train_timesteps": n, "t_max": info.t_max,
         "original_inference_steps": m,
         "timesteps": grids, "default_timesteps_exact_for_steps": exact,
         "rng": "initial noise randn([B, C, H, W], generator) first, then one randn per re-noising step",
     }
     (tmp / MARKER).write_text(json.dumps(notes, indent=2) + "\n")
-    grid = grids.get(str(steps), generator_timesteps(info.schedule, steps, info.t_max))
+    grid = grids.get(str(steps), info.grid(steps))
     exact_here = lcm_timesteps(n, steps, m) == grid
     timesteps_arg = "" if exact_here else f", timesteps={grid}"
     set_arg = str(steps) if exact_here else f"timesteps={grid}"
@@ -346,9 +408,8 @@ def _write_notes(tmp: Path, out: Path, info: _Student, pipeline: str | None, ste
         usage = (f"```python\nimport torch\nfrom diffusers import DiffusionPipeline\n\n"
                  f"pipe = DiffusionPipeline.from_pretrained(\"{out}\")\n"
                  f"images = pipe([\"a prompt\"], num_inference_steps={steps}{timesteps_arg}, "
-                 f"guidance_scale={GUIDANCE_SCALE},\n              generator=torch.Generator().manual_seed(0)).images\n```\n\n"
-                 f"`guidance_scale={GUIDANCE_SCALE}` turns classifier-free guidance off (the {pipeline} default "
-                 "runs it); a teacher safety checker, if copied, may blank images (pass `safety_checker=None` "
+                 f"guidance_scale={info.guidance_scale},\n              generator=torch.Generator().manual_seed(0)).images\n```\n\n"
+                 + _guidance_note(info, pipeline) + "; a teacher safety checker, if copied, may blank images (pass `safety_checker=None` "
                  "to reproduce stepdistill's samples exactly)"
                  + ("; with `invisible-watermark` installed the SDXL pipeline watermarks its images (pass "
                     "`add_watermarker=False`)" if "XL" in pipeline else "") + ".\n")

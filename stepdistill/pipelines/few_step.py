@@ -151,7 +151,10 @@ def build_generator(gen_cfg: Any, denoiser: Any) -> Generator:
     from hydra.utils import get_class
     from omegaconf import OmegaConf
 
-    settings = OmegaConf.to_container(gen_cfg, resolve=True) if gen_cfg is not None else {}
+    settings = dict(gen_cfg) if isinstance(gen_cfg, dict) else \
+        OmegaConf.to_container(gen_cfg, resolve=True) if gen_cfg is not None else {}
+    for key in ("lora_rank", "lora_alpha", "lora_target_modules"):  # a saved LoRA student is merged
+        settings.pop(key, None)
     cls = get_class(settings.pop("_target_", "stepdistill.roles.Generator"))
     if not (isinstance(cls, type) and issubclass(cls, Generator)):
         raise StepdistillError(f"generator._target_ {cls!r} is not a stepdistill.roles.Generator")
@@ -183,13 +186,14 @@ class FewStepPipeline(DiffusionPipeline):
     def __init__(self, scheduler: Any, unet: Any = None, transformer: Any = None, denoiser: Any = None,
                  vae: Any = None, text_encoder: Any = None, tokenizer: Any = None, text_encoder_2: Any = None,
                  tokenizer_2: Any = None, text_encoder_3: Any = None, tokenizer_3: Any = None,
-                 t_max: float = 1.0, default_steps: int = 1) -> None:
+                 t_max: float = 1.0, default_steps: int = 1, generator_settings: dict | None = None) -> None:
         super().__init__()
         self.register_modules(scheduler=scheduler, unet=unet, transformer=transformer, denoiser=denoiser,
                               vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                               text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
                               text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
-        self.register_to_config(t_max=float(t_max), default_steps=int(default_steps))
+        self.register_to_config(t_max=float(t_max), default_steps=int(default_steps),
+                                generator_settings=generator_settings)
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -208,7 +212,8 @@ class FewStepPipeline(DiffusionPipeline):
         if teacher_dir is not None:
             parts.update(load_text_components(teacher_dir))
         parts.update(components)
-        return cls(**parts, t_max=generator.t_max, default_steps=generator.steps)
+        return cls(**parts, t_max=generator.t_max, default_steps=generator.steps,
+                   generator_settings=generator.settings())
 
     @classmethod
     def from_run(cls, run_dir: str | Path, **components: Any) -> FewStepPipeline:
@@ -234,7 +239,9 @@ class FewStepPipeline(DiffusionPipeline):
         from stepdistill.denoisers.loading import wrap_backbone
 
         denoiser = wrap_backbone(self.backbone, self.schedule())
-        return Generator(denoiser, steps=self.config.default_steps, t_max=self.config.t_max, copy=False)
+        settings = self.config.get("generator_settings") or {"steps": self.config.default_steps,
+                                                             "t_max": self.config.t_max}
+        return build_generator(settings, denoiser)
 
     def prompt_encoder(self) -> Any:
         from stepdistill.data.prompts import PromptEncoder, TextStack

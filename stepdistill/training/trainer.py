@@ -311,7 +311,7 @@ class Trainer:
 def _phase_parameters(algorithm: Algorithm) -> dict[str, list[nn.Parameter]]:
     """Each phase's trained parameters (those of ``trainable(phase)`` that require grad now);
     every other parameter of the algorithm is frozen."""
-    teacher = {id(p) for p in algorithm.teacher.parameters()}
+    teacher = {id(p) for p in algorithm.teacher.base_parameters()}
     out = {}
     for phase in algorithm.phases:
         params = [p for p in algorithm.parameters_of(phase) if p.requires_grad]

@@ -98,7 +98,7 @@ def test_lcm_target_is_one_teacher_step_then_the_target_network():
         target = algo._target_x0(x_t, t, t_prev, t_edge, batch, batch.cond, 2.0)
         x0_teacher = teacher.predict(x_t, t, batch.cond, guidance_scale=2.0)
         x_prev = ddim_jump(schedule, x_t, x0_teacher, t, t_prev)
-        expected = algo.target(x_prev, t_prev, batch.cond)  # the EMA copy, = the student at the start
+        expected = algo.target.model(x_prev, t_prev, batch.cond)  # the EMA copy, = the student at the start
     expected[2] = x0_teacher[2]  # t_{n-1} = 0: the teacher's own x0 is the target
     torch.testing.assert_close(target, expected)
     torch.testing.assert_close(expected[[0, 1, 3]], generator(x_prev, t_prev, batch.cond)[[0, 1, 3]].detach())
@@ -134,23 +134,23 @@ def test_only_the_student_trains(loss):
     assert out.loss.item() > 0 and set(out.logs) == {"consistency_loss"}
     assert all(p.grad is not None for p in generator.parameters() if p.requires_grad)
     assert all(p.grad is None for p in teacher.parameters())
-    assert all(not p.requires_grad and p.grad is None for p in algo.target.parameters())
+    assert all(not p.requires_grad and p.grad is None for p in algo.target.model.parameters())
     assert algo.trainable("generator") == [generator] and algo.phase(5) == "generator"
 
 
 def test_after_step_moves_the_target_by_ema_and_restarts_it_each_stage():
     teacher, generator = lcm_parts(solver_steps=8)
     algo = ConsistencyDistillation(teacher, generator, segments=[4, 2, 1], stage_steps=[3, 3], target_decay=0.9)
-    before = [p.detach().clone() for p in algo.target.parameters()]
+    before = [p.detach().clone() for p in algo.target.model.parameters()]
     with torch.no_grad():
         for p in generator.parameters():
             p.add_(1.0)
     algo.after_step("generator", 0)
-    for old, p_target, p in zip(before, algo.target.parameters(), generator.parameters(), strict=True):
+    for old, p_target, p in zip(before, algo.target.model.parameters(), generator.parameters(), strict=True):
         torch.testing.assert_close(p_target, 0.9 * old + 0.1 * p.detach())
     assert [algo.stage(s) for s in range(8)] == [0, 0, 0, 1, 1, 1, 2, 2]
     algo.after_step("generator", 2)  # the next step starts stage 1: the target restarts at the student
-    for p_target, p in zip(algo.target.parameters(), generator.parameters(), strict=True):
+    for p_target, p in zip(algo.target.model.parameters(), generator.parameters(), strict=True):
         torch.testing.assert_close(p_target, p.detach())
 
 

@@ -23,13 +23,14 @@ def perturbed(denoiser, steps: int = STEPS, seed: int = 1, scale: float = 0.02) 
     return generator
 
 
-def make_run(root: Path, generator: Generator, teacher_path: Path | None, **extra) -> Path:
+def make_run(root: Path, generator: Generator, teacher_path: Path | None, settings: dict | None = None,
+             **extra) -> Path:
     """A run directory as the trainer writes it: config.yaml (resolved) + student/."""
     from omegaconf import OmegaConf
 
     root.mkdir(parents=True)
     config = {"teacher": {"path": str(teacher_path) if teacher_path else None},
-              "generator": {"_target_": "stepdistill.roles.Generator", "steps": generator.steps},
+              "generator": settings or {"_target_": "stepdistill.roles.Generator", "steps": generator.steps},
               "data": {"_target_": "stepdistill.data.digits.DigitsData"},
               "task": {"_target_": "stepdistill.eval.tasks.DigitsTask"}, **extra}
     OmegaConf.save(OmegaConf.create(config), root / "config.yaml")

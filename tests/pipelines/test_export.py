@@ -22,14 +22,15 @@ from pipeline_helpers import NUM_CLASSES, STEPS, make_run, perturbed
 from stepdistill.cli import main
 from stepdistill.denoisers.loading import load_denoiser
 from stepdistill.errors import StepdistillError
+from stepdistill.lora import lora_named_parameters
 from stepdistill.pipelines import (
     FewStepPipeline,
     export_diffusers,
     few_step_scheduler,
     lcm_timesteps,
 )
-from stepdistill.pipelines.export import generator_timesteps, lcm_original_steps
-from stepdistill.roles import Generator
+from stepdistill.pipelines.export import MARKER, generator_timesteps, lcm_original_steps
+from stepdistill.roles import ConsistencyGenerator, Generator, Teacher
 
 IMAGE_ATOL = 1e-4
 RAW_RTOL = 1e-5
@@ -60,9 +61,21 @@ for name, case in spec["text"].items():
         extra = {"timesteps": timesteps} if timesteps else {"num_inference_steps": k}
         key = f"{name}/{k}" + ("/timesteps" if timesteps else "")
         for kind in ("latent", "pt"):
-            got = pipe(spec["prompts"], guidance_scale=1.0, generator=torch.Generator().manual_seed(spec["seed"]),
-                       output_type=kind, **extra).images
+            got = pipe(spec["prompts"], guidance_scale=case.get("guidance_scale", 1.0),
+                       generator=torch.Generator().manual_seed(spec["seed"]), output_type=kind, **extra).images
             out[f"{key}/{kind}"] = diff(got, refs[f"{name}/{k}/{kind}"])
+
+for name, case in spec["lora"].items():  # the documented LoRA loading: base pipeline + LCMScheduler + adapters
+    pipe = DiffusionPipeline.from_pretrained(case["base"])
+    pipe.scheduler = LCMScheduler.from_pretrained(case["dir"], subfolder="scheduler")
+    pipe.load_lora_weights(case["dir"])
+    pipe.set_progress_bar_config(disable=True)
+    out[name + "/pipeline"] = [type(pipe).__name__, type(pipe.scheduler).__name__]
+    for k in case["steps"]:
+        for kind in ("latent", "pt"):
+            got = pipe(spec["prompts"], num_inference_steps=k, guidance_scale=1.0,
+                       generator=torch.Generator().manual_seed(spec["seed"]), output_type=kind).images
+            out[f"{name}/{k}/{kind}"] = diff(got, refs[f"{name}/{k}/{kind}"])
 
 for name, case in spec["class"].items():
     unet = UNet2DModel.from_pretrained(case["dir"] + "/unet")
@@ -133,6 +146,17 @@ def fresh(tmp_path_factory, sd15_dir, text_student, class_student):
     sdxl_dir = build_tiny_sdxl(root / "sdxl_teacher")
     _export_text(perturbed(load_denoiser(sdxl_dir), seed=4), sdxl_dir, root / "sdxl", "sdxl", refs, spec)
 
+    # consistency students: an LCM with a guidance embedding (full export), an LCM-LoRA (format=lora)
+    _export_text(lcm_student(sd15_dir), sd15_dir, root / "lcm_guided", "lcm_guided", refs, spec)
+    spec["text"]["lcm_guided"]["guidance_scale"] = 3.0
+    student, settings = lora_student(sd15_dir)
+    lora_run = make_run(root / "lora_run", student, sd15_dir, **settings)
+    assert main(["export", f"run={lora_run}", "format=lora", f"out={root / 'lora'}"]) == 0
+    pipe = FewStepPipeline.from_run(lora_run)
+    pipe.set_progress_bar_config(disable=True)
+    _text_refs(pipe, "lora", [1, 4], refs)
+    spec["lora"] = {"lora": {"dir": str(root / "lora"), "base": str(sd15_dir), "steps": [1, 4]}}
+
     # class-conditional UNet2DModel, from pure noise (t_max = 1) and from timestep 699 (t_max = 0.7)
     spec["class"] = {}
     late = Generator(class_student.denoiser, steps=STEPS, t_max=0.7, copy=False)
@@ -154,23 +178,65 @@ def fresh(tmp_path_factory, sd15_dir, text_student, class_student):
     return {"results": json.loads(proc.stdout.strip().splitlines()[-1]), "root": root}
 
 
+LORA_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                "conv2", "conv_shortcut", "time_emb_proj"]
+
+
+def lcm_student(teacher_dir) -> ConsistencyGenerator:
+    """An LCM student that takes the CFG scale (guidance embedding), every weight perturbed."""
+    student = ConsistencyGenerator(load_denoiser(teacher_dir), steps=STEPS, guidance_embedding_dim=32,
+                                   guidance_scale=3.0)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+    return student.eval()
+
+
+def lora_student(teacher_dir) -> tuple[ConsistencyGenerator, dict]:
+    """An LCM-LoRA student on the teacher's own network (adapters perturbed; alpha != rank), and the
+    ``make_run`` arguments that record its generator settings."""
+    student = ConsistencyGenerator(Teacher(load_denoiser(teacher_dir)).denoiser, steps=STEPS, lora_rank=4,
+                                   lora_alpha=8, lora_target_modules=LORA_MODULES)
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for _, p in lora_named_parameters(student.denoiser.backbone):
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return student.eval(), {"settings": {**student.settings(), "lora_rank": 4}}
+
+
 def _close(result: list[float], kind: str) -> bool:
     err, scale = result
     return err <= (IMAGE_ATOL if kind == "pt" else RAW_RTOL * max(1.0, scale))
 
 
 @pytest.mark.parametrize("name,pipeline", [("sd15", "StableDiffusionPipeline"), ("sd15_v", "StableDiffusionPipeline"),
-                                           ("sdxl", "StableDiffusionXLPipeline")])
+                                           ("sdxl", "StableDiffusionXLPipeline"),
+                                           ("lcm_guided", "StableDiffusionPipeline"),
+                                           ("lora", "StableDiffusionPipeline")])
 def test_text_export_loads_as_a_standard_pipeline_with_lcm(fresh, name, pipeline):
     assert fresh["results"][f"{name}/pipeline"] == [pipeline, "LCMScheduler"]
 
 
-@pytest.mark.parametrize("name", ["sd15", "sd15_v", "sdxl"])
+@pytest.mark.parametrize("name", ["sd15", "sd15_v", "sdxl", "lcm_guided", "lora"])
 @pytest.mark.parametrize("steps", [1, 4])
 @pytest.mark.parametrize("kind", ["latent", "pt"])
 def test_text_export_reproduces_our_samples(fresh, name, steps, kind):
     result = fresh["results"][f"{name}/{steps}/{kind}"]
     assert _close(result, kind), result
+
+
+def test_consistency_exports_record_their_scheduler(fresh):
+    """LCM students export LCMScheduler with their boundary scaling and 50-point grid; the guided one
+    tells the pipeline its scale; the LoRA export holds only the adapters."""
+    root = fresh["root"]
+    for name in ("lcm_guided", "lora"):
+        config = json.loads((root / name / "scheduler" / "scheduler_config.json").read_text())
+        assert (config["timestep_scaling"], config["original_inference_steps"]) == (10.0, 50)
+    assert json.loads((root / "lcm_guided" / MARKER).read_text())["guidance_scale"] == 3.0
+    assert sorted(p.name for p in (root / "lora").iterdir()) == ["README.md", "pytorch_lora_weights.safetensors",
+                                                                 "scheduler", MARKER]
+    assert "load_lora_weights" in (root / "lora" / "README.md").read_text()
 
 
 def test_three_steps_need_the_explicit_grid(fresh):
@@ -250,7 +316,6 @@ def test_scheduler_table_is_the_teachers(text_student, class_student):
 # --------------------------------------------------------------------------- bad input
 def test_export_refuses_what_it_cannot_do(tmp_path, text_student, class_student):
     from stepdistill.denoisers.toy import ToyDenoiser, ToyMLP
-    from stepdistill.roles import Generator
     from stepdistill.schedules import NoiseSchedule
 
     with pytest.raises(StepdistillError, match="needs the teacher directory"):

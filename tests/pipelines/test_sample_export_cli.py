@@ -76,7 +76,7 @@ BAD = {
     "export missing run": (["export", "run={tmp}/nope", "format=diffusers"], "run directory not found"),
     "export no student": (["export", "run={tmp}", "format=diffusers"], "has no student/ directory"),
     "unknown format": (["export", "run={class_run}", "format=onnx"], "unknown format 'onnx'; allowed: diffusers, lora"),
-    "lora": (["export", "run={class_run}", "format=lora"], "format=lora is not yet supported"),
+    "lora without adapters": (["export", "run={class_run}", "format=lora"], "has no LoRA student"),
     "export non-empty out": (["export", "run={class_run}", "out={tmp}/full"], "already exists and is not empty"),
     "export foreign out": (["export", "run={class_run}", "out={tmp}/full", "overwrite=true"], "did not write"),
 }
