@@ -12,7 +12,9 @@
   from t_n (``ddim_invert``). S = 1 is LCM; sampling takes S jumps (``sampler="ode"``).
 - Trajectory-segmented CD (Hyper-SD, Ren et al. 2024, Sec. 3.1): a schedule of segment counts
   (8 -> 4 -> 2 -> 1) run as consecutive stages of one job, each from the previous stage's weights;
-  the target network restarts from the student at each stage.
+  the target network restarts from the student at each stage. Its optional adversarial term reuses
+  DMD2's discriminator (a ``Critic`` with a head; real vs student x0, both noised at a fresh level;
+  DMD2 Eq. 5-6): a critic phase then a generator phase, 1:1, when ``critic`` is given.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from torch import Tensor, nn
 from stepdistill.algorithms.base import Algorithm, Batch, LossOutput, unwrap
 from stepdistill.errors import StepdistillError
 from stepdistill.lora import LoraEMA, has_lora
-from stepdistill.losses import consistency_loss
-from stepdistill.roles import ConsistencyGenerator, Teacher
+from stepdistill.losses import consistency_loss, gan_discriminator_loss, gan_generator_loss
+from stepdistill.roles import ConsistencyGenerator, Critic, Teacher
 from stepdistill.sampling import ddim_invert, ddim_jump
 
 
@@ -45,6 +47,8 @@ class ConsistencyDistillation(Algorithm):
         target_decay: EMA decay of the target network (LCM: 0.95); 0 uses the online student
             without grad (no extra copy). A LoRA student's target is an EMA of its adapters only.
         loss: "huber" (pseudo-Huber, c = ``huber_c``) or "l2".
+        critic: a ``Critic`` with a discriminator head for the adversarial term (None: off).
+        gan_generator_weight: weight of softplus(-D(student x0)) in the generator loss.
         seed: seed of the choices shared by all processes (none so far; kept for the interface).
     """
 
@@ -53,8 +57,14 @@ class ConsistencyDistillation(Algorithm):
     def __init__(self, teacher: Teacher, generator: ConsistencyGenerator, *, segments: int | list[int] = 1,
                  stage_steps: list[int] | None = None, guidance_scale: float | None = None,
                  guidance_min: float | None = None, guidance_max: float | None = None,
-                 target_decay: float = 0.95, loss: str = "huber", huber_c: float = 1e-3, seed: int = 0) -> None:
+                 target_decay: float = 0.95, loss: str = "huber", huber_c: float = 1e-3,
+                 critic: Critic | None = None, gan_generator_weight: float = 0.1, seed: int = 0) -> None:
         super().__init__(teacher, generator, seed)
+        if critic is not None and critic.head is None:
+            raise StepdistillError("the adversarial term needs a discriminator head: set critic.head=true")
+        self.critic = critic
+        self.gan_generator_weight = float(gan_generator_weight)
+        self.phases = ("critic", "generator") if critic is not None else ("generator",)
         if not isinstance(unwrap(generator), ConsistencyGenerator):
             raise StepdistillError("consistency distillation needs generator._target_="
                                    "stepdistill.roles.ConsistencyGenerator (its boundary form and solver grid)")
@@ -83,7 +93,7 @@ class ConsistencyDistillation(Algorithm):
                 raise StepdistillError(f"algorithm.segments={s} must divide generator.solver_steps={solver_steps}")
 
     def trainable(self, phase: str) -> list[nn.Module]:
-        return [self.generator]
+        return [self.critic] if phase == "critic" else [self.generator]
 
     def train(self, mode: bool = True) -> ConsistencyDistillation:
         super().train(mode)
@@ -99,7 +109,7 @@ class ConsistencyDistillation(Algorithm):
     @torch.no_grad()
     def after_step(self, phase: str, step: int) -> None:
         """EMA update of the target network (LCM Alg. 1, last line); a new TSCD stage restarts it."""
-        if self.target is None:
+        if self.target is None or phase != "generator":
             return
         new_stage = self.stage(step + 1) != self.stage(step)
         self.target.update(unwrap(self.generator), 0.0 if new_stage else self.target_decay)
@@ -115,11 +125,34 @@ class ConsistencyDistillation(Algorithm):
         scale = self._draw_scale(len(x0), x0.device)
         cond = batch.cond.with_guidance(scale) if gen.guided else batch.cond
         x_t = schedule.add_noise(x0, torch.randn_like(x0), t)
+        if phase == "critic":
+            with torch.no_grad():
+                fake = self.generator(x_t, t, cond)
+            return self._discriminator_loss(x0, fake, batch.cond)
         with torch.no_grad():
             target = self._target_x0(x_t, t, t_prev, t_edge, batch, cond, scale)
         pred = self.generator(x_t, t, cond)
         per_sample = consistency_loss(pred, target, self.loss_kind, self.huber_c)
-        return LossOutput(per_sample.mean(), {"consistency_loss": per_sample.mean().detach()})
+        logs: dict[str, float | Tensor] = {"consistency_loss": per_sample.mean().detach()}
+        loss = per_sample.mean()
+        if self.critic is not None:
+            _, logits = self.critic(*self._noised(pred, batch.cond), logits=True)
+            gan = gan_generator_loss(logits).mean()
+            logs["gan_generator_loss"] = gan.detach()
+            loss = loss + self.gan_generator_weight * gan
+        return LossOutput(loss, logs)
+
+    def _noised(self, x: Tensor, cond) -> tuple[Tensor, Tensor, object]:
+        t = self.teacher.schedule.sample_time(len(x), device=x.device)
+        return self.teacher.schedule.add_noise(x, torch.randn_like(x), t), t, cond
+
+    def _discriminator_loss(self, real: Tensor, fake: Tensor, cond) -> LossOutput:
+        """DMD2 Eq. 6 on the critic's head: real samples vs the student's x0, each freshly noised."""
+        _, logits_real = self.critic(*self._noised(real, cond), logits=True)
+        _, logits_fake = self.critic(*self._noised(fake, cond), logits=True)
+        gan = gan_discriminator_loss(logits_real, logits_fake).mean()
+        return LossOutput(gan, {"gan_critic_loss": gan.detach(), "logit_real": logits_real.mean().detach(),
+                                "logit_fake": logits_fake.mean().detach()})
 
     def _times(self, gen: ConsistencyGenerator, n: int, segments: int, device) -> tuple[Tensor, Tensor, Tensor]:
         """Per sample: t_n (uniform over the M solver points), t_{n-1} one solver step below, and the

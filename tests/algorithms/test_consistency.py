@@ -185,3 +185,31 @@ def test_a_guided_student_gets_each_samples_scale():
     assert 1.0 <= float(scales.min()) and float(scales.max()) <= 4.0 and float(scales.std()) > 0.5
     algo.loss("generator", batch, 0).loss.backward()
     assert proj.grad.abs().sum() > 0
+
+
+def test_adversarial_term_reuses_the_dmd2_discriminator():
+    """With a headed critic: phases alternate critic / generator; the critic phase is DMD2's
+    discriminator loss (real vs the student's x0) and trains only the critic; the generator phase
+    adds the weighted non-saturating GAN term to the consistency loss."""
+    teacher, generator = lcm_parts(solver_steps=8)
+    critic = tiny_parts()[2]
+    algo = ConsistencyDistillation(teacher, generator, segments=[2, 1], stage_steps=[4], critic=critic,
+                                   gan_generator_weight=0.5)
+    assert algo.phases == ("critic", "generator") and [algo.phase(s) for s in range(3)] == ["critic", "generator", "critic"]
+    batch = labelled_batch()
+    generator.requires_grad_(False)
+    out = algo.loss("critic", batch, 0)
+    out.loss.backward()
+    assert set(out.logs) == {"gan_critic_loss", "logit_real", "logit_fake"}
+    assert all(p.grad is not None for p in critic.head.parameters())
+    assert all(p.grad is None for p in generator.parameters())
+    critic.zero_grad(set_to_none=True)
+    generator.requires_grad_(True)
+    critic.requires_grad_(False)
+    torch.manual_seed(4)
+    out = algo.loss("generator", batch, 1)
+    torch.manual_seed(4)
+    plain = ConsistencyDistillation(teacher, generator, segments=[2, 1], stage_steps=[4]).loss("generator", batch, 1)
+    torch.testing.assert_close(out.loss, plain.loss + 0.5 * out.logs["gan_generator_loss"])
+    with pytest.raises(StepdistillError, match="critic.head=true"):
+        ConsistencyDistillation(teacher, generator, critic=type(critic)(teacher.denoiser, head=False))
