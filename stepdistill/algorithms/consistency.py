@@ -68,7 +68,7 @@ class ConsistencyDistillation(Algorithm):
         if not isinstance(unwrap(generator), ConsistencyGenerator):
             raise StepdistillError("consistency distillation needs generator._target_="
                                    "stepdistill.roles.ConsistencyGenerator (its boundary form and solver grid)")
-        self.segments = [int(s) for s in (segments if isinstance(segments, (list, tuple)) else [segments])]
+        self.segments = [int(segments)] if isinstance(segments, int) else [int(s) for s in segments]
         self.stage_steps = [int(s) for s in (stage_steps or [])]
         self._check_segments(unwrap(generator).solver_steps)
         scale = teacher.guidance_scale if guidance_scale is None else float(guidance_scale)

@@ -213,3 +213,18 @@ def test_adversarial_term_reuses_the_dmd2_discriminator():
     torch.testing.assert_close(out.loss, plain.loss + 0.5 * out.logs["gan_generator_loss"])
     with pytest.raises(StepdistillError, match="critic.head=true"):
         ConsistencyDistillation(teacher, generator, critic=type(critic)(teacher.denoiser, head=False))
+
+
+@pytest.mark.parametrize("experiment,segments,sampler", [
+    ("toy2d/lcm", [1], "renoise"), ("toy2d/mcd", [4], "ode"), ("digits/lcm", [1], "renoise"),
+    ("digits/mcd", [8], "ode"), ("digits/tscd", [8, 4, 2, 1], "renoise"),
+])
+def test_shipped_consistency_experiments_build(experiment, segments, sampler):
+    """The configs instantiate (lists arrive as omegaconf ListConfig) into the intended algorithm."""
+    from stepdistill.commands.train import build_algorithm
+    from stepdistill.config import compose
+
+    algo = build_algorithm(compose("train", [f"experiment={experiment}"]), seed=0)
+    assert algo.segments == segments and algo.generator.sampler == sampler
+    if len(segments) > 1:
+        assert [algo.stage(s) for s in (0, 749, 750, 2249, 2250, 2999)] == [0, 0, 1, 2, 3, 3]
