@@ -139,7 +139,9 @@ class ConsistencyGenerator(Generator):
         denoiser: initial network (the teacher's; deep-copied unless ``copy=False``).
         steps: default number of sampling steps K.
         solver_steps: M, the teacher-solver grid the student is trained on (LCM: 50).
-        t_max: must be 1 (kept so configs share the ``generator`` keys).
+        t_max: where the solver grid and sampling start (1: pure noise, as diffusers' LCMScheduler).
+            Below 1 the student takes standard normal noise as the state at ``t_max`` (as DMD2's
+            digits students do: an eps network's x0 at timestep 999 amplifies its errors 156x).
     """
 
     def __init__(self, denoiser: Denoiser, steps: int = 4, solver_steps: int = 50,
@@ -147,12 +149,10 @@ class ConsistencyGenerator(Generator):
                  guidance_scale: float = 1.0, guidance_embedding_dim: int | None = None, t_max: float = 1.0,
                  copy: bool = True, lora_rank: int | None = None, lora_alpha: float | None = None,
                  lora_target_modules: list[str] | str | None = None) -> None:
-        if t_max != 1.0:
-            raise ValueError("a consistency student starts at pure noise: generator.t_max must be 1.0")
         if lora_rank and guidance_embedding_dim:
             raise ValueError("a LoRA student shares the teacher's network, which cannot take a guidance embedding: "
                              "set generator.guidance_embedding_dim=null (LCM-LoRA trains at one CFG scale)")
-        super().__init__(denoiser, steps=steps, t_max=1.0, copy=copy, lora_rank=lora_rank, lora_alpha=lora_alpha,
+        super().__init__(denoiser, steps=steps, t_max=t_max, copy=copy, lora_rank=lora_rank, lora_alpha=lora_alpha,
                          lora_target_modules=lora_target_modules)
         if sampler not in ("renoise", "ode"):
             raise ValueError(f"generator.sampler must be 'renoise' or 'ode', got {sampler!r}")
@@ -193,8 +193,9 @@ class ConsistencyGenerator(Generator):
         return (c_skip * x_t.double() + c_out * x0.double()).to(x0.dtype)
 
     def solver_grid(self) -> Tensor:
-        """The M + 1 descending solver times, the last one 0 (VP, M = 50: 999, 979, ..., 19, then 0)."""
-        return self.schedule.timesteps(self.solver_steps)
+        """The M + 1 descending solver times from ``t_max``, the last one 0 (VP, M = 50, t_max = 1:
+        999, 979, ..., 19, then 0)."""
+        return self.schedule.timesteps(self.solver_steps, self.t_max)
 
     def grid(self, steps: int | None = None) -> Tensor:
         k = self.steps if steps is None else int(steps)

@@ -186,8 +186,11 @@ class _Student:
 
     def grid(self, steps: int) -> list[int] | list[float]:
         """The backbone timesteps of the student's ``steps``-step grid."""
-        if self.consistency:
-            return lcm_timesteps(self.schedule.num_train_timesteps, steps, self.original_steps)
+        if self.consistency:  # LCMScheduler's selection from the student's solver grid
+            m = self.original_steps
+            solver = self.schedule.timesteps(m, self.t_max)
+            times = self.schedule.to_model_time(solver[[(i * m) // steps for i in range(steps)]])
+            return [int(round(float(v))) for v in times]
         return generator_timesteps(self.schedule, steps, self.t_max)
 
     def scheduler(self) -> Any:
