@@ -42,8 +42,8 @@ class ConsistencyDistillation(Algorithm):
         segments: S, or a list of segment counts run as stages (TSCD, with ``stage_steps``).
         stage_steps: optimizer steps of each stage but the last (which runs to the end).
         guidance_scale: the teacher's CFG scale when no range is given (None: the teacher's).
-        guidance_min, guidance_max: the range s is drawn from per sample (LCM: w in [3, 15], i.e.
-            s in [4, 16]); a range needs a guidance-embedded student.
+        guidance_min, guidance_max: the range s is drawn from per sample (LCM: w in [2, 14], i.e.
+            s = w + 1 in [3, 15]); a range needs a guidance-embedded student.
         target_decay: EMA decay of the target network (LCM: 0.95); 0 uses the online student
             without grad (no extra copy). A LoRA student's target is an EMA of its adapters only.
         loss: "huber" (pseudo-Huber, c = ``huber_c``) or "l2".
@@ -72,8 +72,8 @@ class ConsistencyDistillation(Algorithm):
         self.stage_steps = [int(s) for s in (stage_steps or [])]
         self._check_segments(unwrap(generator).solver_steps)
         scale = teacher.guidance_scale if guidance_scale is None else float(guidance_scale)
-        self.guidance_range = (scale, scale) if guidance_min is None and guidance_max is None else \
-            (float(guidance_min if guidance_min is not None else scale), float(guidance_max or scale))
+        self.guidance_range = (float(scale if guidance_min is None else guidance_min),
+                               float(scale if guidance_max is None else guidance_max))
         if self.guidance_range[0] != self.guidance_range[1] and not unwrap(generator).guided:
             raise StepdistillError("a guidance range (algorithm.guidance_min < guidance_max) needs a student that "
                                    "takes the scale: set generator.guidance_embedding_dim (e.g. 256)")
@@ -82,7 +82,6 @@ class ConsistencyDistillation(Algorithm):
         self.loss_kind, self.huber_c = loss, float(huber_c)
         self.target_decay = float(target_decay)
         self.target = _target_network(unwrap(generator)) if self.target_decay > 0 else None
-        self._stage = 0
 
     def _check_segments(self, solver_steps: int) -> None:
         if len(self.stage_steps) != len(self.segments) - 1:
