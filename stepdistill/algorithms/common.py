@@ -10,6 +10,7 @@ from stepdistill.conditioning import Conditioning
 from stepdistill.errors import StepdistillError
 from stepdistill.losses import denoising_loss, gan_discriminator_loss, gan_generator_loss
 from stepdistill.sampling import simulate_to_step
+from stepdistill.schedules import NoiseSchedule
 
 
 def student_sample(generator: nn.Module, cond: Conditioning, shared: torch.Generator, *, grad: bool) -> Tensor:
@@ -30,6 +31,12 @@ def student_sample(generator: nn.Module, cond: Conditioning, shared: torch.Gener
     t_k = grid[k].expand(len(cond)).to(device)
     with torch.set_grad_enabled(grad):
         return generator(x_k, t_k, cond)
+
+
+def noised(schedule: NoiseSchedule, x: Tensor, cond: Conditioning) -> tuple[Tensor, Tensor, Conditioning]:
+    """(x_t, t, cond) at a fresh noise level over the full range (the diffusion GAN's inputs)."""
+    t = schedule.sample_time(len(x), device=x.device)
+    return schedule.add_noise(x, torch.randn_like(x), t), t, cond
 
 
 class CriticGeneratorAlgorithm(Algorithm):
@@ -66,9 +73,7 @@ class CriticGeneratorAlgorithm(Algorithm):
         return student_sample(self.generator, cond, self.shared_generator(step), grad=grad)
 
     def _noised(self, x: Tensor, cond: Conditioning) -> tuple[Tensor, Tensor, Conditioning]:
-        """(x_t, t, cond) at a fresh noise level over the full range (the GAN's inputs)."""
-        t = self.teacher.schedule.sample_time(len(x), device=x.device)
-        return self.teacher.schedule.add_noise(x, torch.randn_like(x), t), t, cond
+        return noised(self.teacher.schedule, x, cond)
 
     @torch.no_grad()
     def _teacher_at_noised(self, x: Tensor, cond: Conditioning, t_min: float, t_max: float,

@@ -19,17 +19,17 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import Tensor, nn
 
 from stepdistill.algorithms.base import Algorithm, Batch, LossOutput, unwrap
+from stepdistill.algorithms.common import noised
 from stepdistill.errors import StepdistillError
 from stepdistill.lora import LoraEMA, has_lora
 from stepdistill.losses import consistency_loss, gan_discriminator_loss, gan_generator_loss
 from stepdistill.roles import ConsistencyGenerator, Critic, Teacher
 from stepdistill.sampling import ddim_invert, ddim_jump
+from stepdistill.training.ema import EMA
 
 
 class ConsistencyDistillation(Algorithm):
@@ -135,20 +135,16 @@ class ConsistencyDistillation(Algorithm):
         logs: dict[str, float | Tensor] = {"consistency_loss": per_sample.mean().detach()}
         loss = per_sample.mean()
         if self.critic is not None:
-            _, logits = self.critic(*self._noised(pred, batch.cond), logits=True)
+            _, logits = self.critic(*noised(self.teacher.schedule, pred, batch.cond), logits=True)
             gan = gan_generator_loss(logits).mean()
             logs["gan_generator_loss"] = gan.detach()
             loss = loss + self.gan_generator_weight * gan
         return LossOutput(loss, logs)
 
-    def _noised(self, x: Tensor, cond) -> tuple[Tensor, Tensor, object]:
-        t = self.teacher.schedule.sample_time(len(x), device=x.device)
-        return self.teacher.schedule.add_noise(x, torch.randn_like(x), t), t, cond
-
     def _discriminator_loss(self, real: Tensor, fake: Tensor, cond) -> LossOutput:
         """DMD2 Eq. 6 on the critic's head: real samples vs the student's x0, each freshly noised."""
-        _, logits_real = self.critic(*self._noised(real, cond), logits=True)
-        _, logits_fake = self.critic(*self._noised(fake, cond), logits=True)
+        _, logits_real = self.critic(*noised(self.teacher.schedule, real, cond), logits=True)
+        _, logits_fake = self.critic(*noised(self.teacher.schedule, fake, cond), logits=True)
         gan = gan_discriminator_loss(logits_real, logits_fake).mean()
         return LossOutput(gan, {"gan_critic_loss": gan.detach(), "logit_real": logits_real.mean().detach(),
                                 "logit_fake": logits_fake.mean().detach()})
@@ -188,20 +184,11 @@ def _target_network(generator: ConsistencyGenerator) -> nn.Module:
     return _LoraTarget(generator) if has_lora(generator.denoiser.backbone) else _EMACopy(generator)
 
 
-class _EMACopy(nn.Module):
-    """The target network as a frozen copy of the whole student."""
-
-    def __init__(self, generator: ConsistencyGenerator) -> None:
-        super().__init__()
-        self.model = copy.deepcopy(generator).eval().requires_grad_(False)
+class _EMACopy(EMA):
+    """The target network as a frozen EMA copy of the whole student (the trainer's ``EMA``)."""
 
     def predict(self, online: ConsistencyGenerator, x_t: Tensor, t: Tensor, cond) -> Tensor:
         return self.model(x_t, t, cond)
-
-    @torch.no_grad()
-    def update(self, online: ConsistencyGenerator, decay: float) -> None:
-        for p_target, p in zip(self.model.parameters(), online.parameters(), strict=True):
-            p_target.lerp_(p.detach().to(p_target.dtype), 1.0 - decay)
 
 
 class _LoraTarget(nn.Module):

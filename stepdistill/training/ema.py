@@ -22,10 +22,12 @@ class EMA(nn.Module):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, decay: float | None = None) -> None:
+        """One EMA step towards ``model`` (``decay`` overrides the module's own for this step)."""
+        decay = self.decay if decay is None else float(decay)
         online = dict(model.named_parameters())
         for name, p in self.model.named_parameters():
-            p.lerp_(online[name].detach().to(p.dtype), 1.0 - self.decay)
+            p.lerp_(online[name].detach().to(p.dtype), 1.0 - decay)
         online_buffers = dict(model.named_buffers())
         for name, b in self.model.named_buffers():
             b.copy_(online_buffers[name])
