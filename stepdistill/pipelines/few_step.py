@@ -19,6 +19,7 @@ Latent samples are decoded as diffusers' Stable Diffusion pipelines do (``decode
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from torch import Tensor
 from stepdistill.conditioning import Conditioning
 from stepdistill.denoisers.diffusers import config_size
 from stepdistill.errors import StepdistillError
+from stepdistill.kernels.negative_steering import negative_prompt_steering
 from stepdistill.roles import Generator
 from stepdistill.schedules import NoiseSchedule
 
@@ -141,13 +143,15 @@ def load_run(run_dir: str | Path) -> StudentRun:
         raise StepdistillError(f"run {str(root)!r} has no student/ directory (is training finished? "
                                "the trainer writes student/ at the end)")
     config = OmegaConf.load(root / "config.yaml") if (root / "config.yaml").is_file() else OmegaConf.create({})
-    generator = build_generator(config.get("generator"), load_denoiser(root / "student")).eval()
+    generator = build_generator(config.get("generator"), load_denoiser(root / "student"),
+                                adapters_dir=root / "student" / "adapters").eval()
     return StudentRun(root, config, generator)
 
 
-def build_generator(gen_cfg: Any, denoiser: Any) -> Generator:
+def build_generator(gen_cfg: Any, denoiser: Any, adapters_dir: Path | None = None) -> Generator:
     """The run's ``generator`` node (its ``_target_`` class and settings) around a loaded student
-    ``denoiser`` (not copied); a plain ``Generator`` for configs without a target."""
+    ``denoiser`` (not copied); a plain ``Generator`` for configs without a target. An AGD student
+    (``AdapterGenerator``) loads its trained adapters from ``adapters_dir``."""
     from hydra.utils import get_class
     from omegaconf import OmegaConf
 
@@ -158,6 +162,10 @@ def build_generator(gen_cfg: Any, denoiser: Any) -> Generator:
     cls = get_class(settings.pop("_target_", "stepdistill.roles.Generator"))
     if not (isinstance(cls, type) and issubclass(cls, Generator)):
         raise StepdistillError(f"generator._target_ {cls!r} is not a stepdistill.roles.Generator")
+    if "adapters_path" in inspect.signature(cls).parameters:
+        if adapters_dir is None or not Path(adapters_dir).is_dir():
+            raise StepdistillError(f"{cls.__name__} needs its trained adapters: no directory {str(adapters_dir)!r}")
+        settings["adapters_path"] = str(adapters_dir)
     return cls(denoiser, **settings, copy=False)
 
 
@@ -288,6 +296,7 @@ class FewStepPipeline(DiffusionPipeline):
                  batch_size: int | None = None, num_inference_steps: int | None = None,
                  num_images_per_prompt: int = 1, generator: torch.Generator | None = None,
                  latents: Tensor | None = None, output_type: str = "pil",
+                 negative_prompt: str | list[str] | None = None, negative_scale: float = 0.5,
                  return_dict: bool = True) -> ImagePipelineOutput | tuple:
         """Generate with K = ``num_inference_steps`` (default: the trained K) generator steps.
 
@@ -299,17 +308,44 @@ class FewStepPipeline(DiffusionPipeline):
             latents: initial noise [B, *shape] (then only the re-noising steps draw from ``generator``).
             output_type: "pil", "np", "pt" (images in [0, 1]) or "latent" (the raw x0: latents, pixels
                 in [-1, 1], or points).
+            negative_prompt: text to steer away from (one, or one per prompt): every cross-attention
+                of the student subtracts ``negative_scale`` times its attention to this prompt
+                (SNOOPI's NASA, ``stepdistill.kernels.negative_prompt_steering``); text students only.
+            negative_scale: alpha, the weight of the negative attention (0: no steering).
         Returns:
             ``ImagePipelineOutput(images=...)`` (or ``(images,)``).
         """
+        negative_embeds = None
+        if negative_prompt is not None:
+            negative_embeds = self.negative_embeddings(negative_prompt, prompt, num_images_per_prompt)
         cond = self.conditioning(prompt, class_labels, batch_size, num_images_per_prompt)
         rng = generator
         if rng is None:
             rng = torch.Generator()
             rng.seed()
-        x0 = generate(self.student(), cond, num_inference_steps, rng, noise=latents)
+        if negative_embeds is None:
+            x0 = generate(self.student(), cond, num_inference_steps, rng, noise=latents)
+        else:
+            with negative_prompt_steering(self.backbone, negative_embeds, scale=negative_scale):
+                x0 = generate(self.student(), cond, num_inference_steps, rng, noise=latents)
         images = self._postprocess(x0, output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    def negative_embeddings(self, negative_prompt: str | list[str], prompt: str | list[str] | None,
+                            num_images_per_prompt: int = 1) -> Tensor:
+        """The negative prompt's embeddings [1 or B, L, D] on the backbone's device and dtype."""
+        if prompt is None or self.text_encoder is None:
+            raise ValueError("negative_prompt= steers a text-to-image student's cross-attention: pass prompt= "
+                             "with a text student (class-label and unconditional students take no negative prompt)")
+        negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
+        num_prompts = 1 if isinstance(prompt, str) else len(prompt)
+        if len(negatives) not in (1, num_prompts):
+            raise ValueError(f"got {len(negatives)} negative prompts for {num_prompts} prompts; pass 1 or {num_prompts}")
+        embeds = self.prompt_encoder().encode(negatives).prompt_embeds
+        if len(negatives) > 1:
+            embeds = embeds.repeat_interleave(num_images_per_prompt, dim=0)
+        param = next(self.backbone.parameters())
+        return embeds.to(param.device, param.dtype)
 
     def _postprocess(self, x0: Tensor, output_type: str) -> Any:
         if output_type not in ("pil", "np", "pt", "latent"):
