@@ -12,6 +12,10 @@ pipeline) gives for ``generator=torch.Generator().manual_seed(S)`` when all samp
 Conditions: class students cycle the classes (``labels=[...]`` to choose), text students need
 ``prompt="..."`` (repeated) or ``prompts=FILE`` (one per line, cycled) unless the run config lists
 ``prompts`` (top level or under ``data``).
+
+``hybrid_teacher_steps=k`` (``stepdistill.hybrid``): the run's teacher (``teacher.path``) takes the first k
+DDIM steps from pure noise, the student the rest (k = 0: the student's own samples); samples.json
+records k, the switch time and both grids.
 """
 
 from __future__ import annotations
@@ -31,7 +35,9 @@ from stepdistill.errors import StepdistillError
 MARKER = "samples.json"
 KEYS: dict[str, str] = {"run": "str", "steps": "int", "num_images": "int", "seed": "int", "out": "str",
                         "overwrite": "bool", "batch_size": "int", "prompt": "str", "prompts": "str",
-                        "labels": "ints", "device": "str"}
+                        "labels": "ints", "device": "str", "hybrid_teacher_steps": "int"}
+#: the teacher grid whose first k steps ``hybrid_teacher_steps=k`` runs (for students starting at t = 1)
+TEACHER_GRID_STEPS = 50
 
 
 def parse_args(overrides: Sequence[str], keys: dict[str, str], command: str) -> dict[str, Any]:
@@ -70,21 +76,59 @@ def run(overrides: Sequence[str]) -> Path:
     num = int(args.get("num_images", 16))
     if steps < 1 or num < 1:
         raise StepdistillError(f"steps and num_images must be >= 1; got steps={steps}, num_images={num}")
+    if "hybrid_teacher_steps" in args:  # a bad k, or a grid that cannot be re-spaced, fails before writing
+        from stepdistill.hybrid import hybrid_plan
+
+        hybrid_plan(student.generator, args["hybrid_teacher_steps"], steps=steps, teacher_grid_steps=TEACHER_GRID_STEPS)
     cond, meta = _conditioning(student, args, num)
     out = Path(str(args.get("out") or student.path / "samples"))
     names = [f"{i:04d}.png" for i in range(num)] + ["grid.png", "samples.npy", MARKER]
     previous = _prepare(out, names, bool(args.get("overwrite", False)))
     device = args.get("device", "cpu")
     generator = student.generator.to(device)
-    x0 = sample_student(generator, cond, num, steps, int(args.get("seed", 0)), batch_size=args.get("batch_size"))
+    seed = int(args.get("seed", 0))
+    if "hybrid_teacher_steps" in args:
+        x0, hybrid = _hybrid_samples(student, cond, num, steps, seed, args, device)
+        timesteps = hybrid.pop("student_timesteps")
+    else:
+        x0 = sample_student(generator, cond, num, steps, seed, batch_size=args.get("batch_size"))
+        hybrid, timesteps = {}, generator_timesteps(generator.schedule, steps, generator.t_max)
     for name in previous:  # our files from an earlier call, only now that sampling worked
         (out / name).unlink(missing_ok=True)
     files = _write(out, x0, student, meta, device)
-    record = {"run": str(student.path), "steps": steps, "seed": int(args.get("seed", 0)), "num_images": num,
-              "timesteps": generator_timesteps(generator.schedule, steps, generator.t_max), **meta, "files": files}
+    record = {"run": str(student.path), "steps": steps, "seed": seed, "num_images": num,
+              "timesteps": timesteps, **hybrid, **meta, "files": files}
     (out / MARKER).write_text(json.dumps(record, indent=2) + "\n")
-    print(f"{num} samples ({steps} steps) written to {out}/ (grid.png)")
+    how = f"{hybrid['hybrid_teacher_steps']} teacher + {steps} student steps" if hybrid else f"{steps} steps"
+    print(f"{num} samples ({how}) written to {out}/ (grid.png)")
     return out
+
+
+def _hybrid_samples(student, cond: Conditioning, num: int, steps: int, seed: int, args: dict,
+                    device: str) -> tuple[Tensor, dict]:
+    """Hybrid samples (the run's teacher first, ``stepdistill.hybrid``) and what samples.json records."""
+    from stepdistill.hybrid import check_teacher_steps, hybrid_plan, run_teacher, sample_hybrid
+
+    k = check_teacher_steps(args["hybrid_teacher_steps"], TEACHER_GRID_STEPS)
+    plan = hybrid_plan(student.generator, k, steps=steps, teacher_grid_steps=TEACHER_GRID_STEPS)
+    teacher = run_teacher(student.config).to(device)
+    x0 = sample_hybrid(teacher, student.generator, cond, num, k, steps=steps, seed=seed,
+                       batch_size=args.get("batch_size"), teacher_grid_steps=TEACHER_GRID_STEPS)
+    schedule = student.generator.schedule
+    record = {"hybrid_teacher_steps": k, "hybrid_teacher_grid_steps": TEACHER_GRID_STEPS,
+              "teacher_guidance_scale": teacher.guidance_scale,
+              "teacher_timesteps": _model_times(schedule, plan.teacher_grid[:-1]),
+              "switch_timestep": _model_times(schedule, plan.student_grid[:1])[0],
+              "student_timesteps": _model_times(schedule, plan.student_grid)}
+    return x0, record
+
+
+def _model_times(schedule, grid: Tensor) -> list:
+    """Backbone timesteps of continuous times: integers on a VP table, rounded floats otherwise."""
+    values = [float(v) for v in schedule.to_model_time(grid)]
+    if schedule.kind == "vp" and all(abs(v - round(v)) < 1e-6 for v in values):
+        return [int(round(v)) for v in values]
+    return [round(v, 3) for v in values]
 
 
 def _prepare(out: Path, names: list[str], overwrite: bool) -> list[str]:
