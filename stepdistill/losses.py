@@ -188,3 +188,17 @@ def consistency_loss(pred: Tensor, target: Tensor, kind: str = "huber", c: float
     if kind == "l2":
         return diff.pow(2).flatten(1).mean(1)
     raise ValueError(f"unknown consistency loss {kind!r}; expected 'huber' or 'l2'")
+
+
+def guidance_distillation_loss(pred: Tensor, cfg_target: Tensor) -> Tensor:
+    """AGD's guidance-distillation objective (Jensen et al. 2025, Sec. 3):
+    ``mean_CHW (f_adapted(x_t, t, c, w) - f_cfg(x_t, t, c, w))^2`` per sample, where the target is the teacher's stored CFG output at w on its own guided trajectory,
+    in the teacher's own parameterization (eps / v / flow).
+
+    Args:
+        pred: [B, ...] the adapted network's output at the stored (x_t, t, c, w).
+        cfg_target: [B, ...] the stored guided output.
+    Returns:
+        [B] losses.
+    """
+    return denoising_loss(pred, cfg_target)

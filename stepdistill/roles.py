@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from stepdistill.conditioning import Conditioning
 from stepdistill.denoisers.base import Denoiser
 from stepdistill.denoisers.guidance_embedding import add_guidance_embedding, embedding_dim
-from stepdistill.guidance import guided_predict
+from stepdistill.guidance import draw_scale, guided_predict, parse_scale
 from stepdistill.heads import DiscriminatorHead
 from stepdistill.lora import adapters_disabled, add_lora, has_lora
 from stepdistill.sampling import ode_sample, renoise_sample
@@ -27,13 +27,14 @@ class Teacher(nn.Module):
 
     Args:
         denoiser: the teacher network (it is frozen in place).
-        guidance_scale: default CFG scale s in ``u + s (c - u)``; 1 means no guidance.
+        guidance_scale: default CFG scale s in ``u + s (c - u)``; 1 means no guidance; a range
+            ``[lo, hi]`` draws a scale per sample at every call (random-scale CFG, ``guidance``).
     """
 
-    def __init__(self, denoiser: Denoiser, guidance_scale: float = 1.0) -> None:
+    def __init__(self, denoiser: Denoiser, guidance_scale: float | tuple[float, float] = 1.0) -> None:
         super().__init__()
         self.denoiser = denoiser.eval().requires_grad_(False)
-        self.guidance_scale = float(guidance_scale)
+        self.guidance_scale = parse_scale(guidance_scale, "teacher.guidance_scale")
 
     @property
     def schedule(self) -> NoiseSchedule:
@@ -46,7 +47,7 @@ class Teacher(nn.Module):
     def predict(self, x_t: Tensor, t: Tensor | float, cond: Conditioning, *,
                 out: Prediction = Prediction.X0, guidance_scale: float | Tensor | None = None) -> Tensor:
         """The guided prediction in ``out`` at (x_t [B, ...], t [B], cond)."""
-        scale = self.guidance_scale if guidance_scale is None else guidance_scale
+        scale = draw_scale(self.guidance_scale if guidance_scale is None else guidance_scale, len(x_t), x_t.device)
         with adapters_disabled(self.denoiser.backbone):  # a LoRA student shares this network
             return guided_predict(self.denoiser, x_t, t, cond, scale, out=out)
 
@@ -57,14 +58,16 @@ class Teacher(nn.Module):
     @torch.no_grad()
     def sample(self, noise: Tensor, cond: Conditioning, steps: int, *,
                guidance_scale: float | None = None, progress: bool = False) -> Tensor:
-        """The teacher's ODE sample (DDIM for VP, Euler for flow) with ``steps`` steps and CFG."""
-        return ode_sample(lambda x, t: self.predict(x, t, cond, guidance_scale=guidance_scale),
+        """The teacher's ODE sample (DDIM for VP, Euler for flow) with ``steps`` steps and CFG (a scale
+        range draws one scale per sample for the whole trajectory)."""
+        scale = draw_scale(self.guidance_scale if guidance_scale is None else guidance_scale, len(noise), noise.device)
+        return ode_sample(lambda x, t: self.predict(x, t, cond, guidance_scale=scale),
                           self.schedule, noise, steps, progress=progress)
 
     def nfe(self, steps: int, guidance_scale: float | None = None) -> int:
         """Network evaluations per sample for ``steps`` steps (twice with CFG)."""
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
-        return steps * (1 if scale == 1.0 else 2)
+        return steps * (1 if not isinstance(scale, tuple) and float(scale) == 1.0 else 2)
 
 
 class Generator(nn.Module):
@@ -210,6 +213,68 @@ class ConsistencyGenerator(Generator):
             return super().sample(noise, cond, steps, generator=generator)
         grid = torch.cat([self.grid(steps), torch.zeros(1, dtype=torch.float64)])
         return ode_sample(lambda x, t: self(x, t, cond), self.schedule, noise, len(grid) - 1, grid=grid)
+
+
+class AdapterGenerator(Generator):
+    """AGD's student (``algorithms.agd``): the frozen base with guidance adapters
+    (``stepdistill.adapters``); one forward per step reproduces the base's CFG at any scale.
+
+    Sampling is the teacher's own ODE sampler (DDIM / Euler, ``steps`` steps from ``t_max``) with one
+    network evaluation per step instead of CFG's two. The base network is shared, not copied (the
+    teacher runs it with the adapters inactive), and only the adapters train.
+
+    Args:
+        denoiser: the base network (the teacher's, or another checkpoint of the same base).
+        steps: default sampling steps.
+        guidance_scale: default CFG scale s (``u + s (c - u)``) when the condition carries none.
+        kind / dim / attn_dim / heads / target_modules: the adapters (``GuidanceAdapters``).
+        adapters_path: load trained adapters from this directory instead of fresh ones.
+    """
+
+    def __init__(self, denoiser: Denoiser, steps: int = 50, guidance_scale: float = 3.0, t_max: float = 1.0,
+                 kind: str = "cross_attention", dim: int = 64, attn_dim: int = 16, heads: int = 1,
+                 target_modules: list[str] | str | None = None, adapters_path: str | None = None,
+                 copy: bool = False) -> None:
+        from stepdistill.adapters import GuidanceAdapters
+
+        super().__init__(denoiser, steps=steps, t_max=t_max, copy=copy)
+        self.denoiser.requires_grad_(False)
+        self.guidance_scale = float(guidance_scale)
+        if adapters_path:
+            self.adapters = GuidanceAdapters.load(adapters_path, self.denoiser).requires_grad_(True)
+        else:
+            self.adapters = GuidanceAdapters(self.denoiser, kind, dim, attn_dim, heads, target_modules)
+
+    def settings(self) -> dict:
+        s = self.adapters.settings
+        return {**super().settings(), "guidance_scale": self.guidance_scale, "kind": s["kind"], "dim": s["dim"],
+                "attn_dim": s["attn_dim"], "heads": s["heads"], "target_modules": list(s["targets"])}
+
+    def forward(self, x_t: Tensor, t: Tensor | float, cond: Conditioning, *,
+                out: Prediction = Prediction.X0) -> Tensor:
+        """The adapted network's prediction in ``out`` at the condition's CFG scale (default
+        ``guidance_scale``); inside ``self.adapters.disabled()`` the base model's."""
+        t = torch.as_tensor(t, device=x_t.device, dtype=torch.float64)
+        t = t.expand(x_t.shape[0]) if t.dim() == 0 else t
+        if cond.guidance is None:
+            cond = cond.with_guidance(self.guidance_scale)
+        with self.adapters.active(t, cond.to(x_t.device)):
+            return self.denoiser(x_t, t, cond, out=out)
+
+    def grid(self, steps: int | None = None) -> Tensor:
+        return self.schedule.timesteps(self.steps if steps is None else int(steps), self.t_max)
+
+    def sample(self, noise: Tensor, cond: Conditioning, steps: int | None = None, *,
+               generator: torch.Generator | None = None, guidance_scale: float | None = None) -> Tensor:
+        """The ODE sample with one adapted forward per step at ``guidance_scale`` (default: the
+        generator's)."""
+        scale = self.guidance_scale if guidance_scale is None else float(guidance_scale)
+        guided = cond.with_guidance(scale) if cond.guidance is None else cond
+        grid = self.grid(steps)
+        return ode_sample(lambda x, t: self(x, t, guided), self.schedule, noise, len(grid) - 1, grid=grid)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.adapters.parameters() if p.requires_grad]
 
 
 class Critic(nn.Module):

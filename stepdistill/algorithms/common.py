@@ -77,7 +77,7 @@ class CriticGeneratorAlgorithm(Algorithm):
 
     @torch.no_grad()
     def _teacher_at_noised(self, x: Tensor, cond: Conditioning, t_min: float, t_max: float,
-                           guidance_scale: float) -> tuple[Tensor, Tensor, Tensor]:
+                           guidance_scale: float | tuple[float, float]) -> tuple[Tensor, Tensor, Tensor]:
         """(t, x_t, x0_real): ``x`` (detached) noised at t in [t_min, t_max] and the teacher's guided x0
         there: where the distribution-matching term of DMD2 / f-distill compares the two scores."""
         schedule = self.teacher.schedule

@@ -16,6 +16,7 @@ from torch import Tensor
 from stepdistill.algorithms.base import Batch, LossOutput
 from stepdistill.algorithms.common import CriticGeneratorAlgorithm
 from stepdistill.errors import StepdistillError
+from stepdistill.guidance import parse_scale
 from stepdistill.losses import (
     distribution_matching_loss,
 )
@@ -29,7 +30,8 @@ class DMD2(CriticGeneratorAlgorithm):
         teacher: frozen teacher; its CFG scale is ``guidance_scale`` (s_real; 1 = none).
         generator: the 1..K-step student.
         critic: the fake-score network (with a head when the GAN terms are on).
-        guidance_scale: teacher CFG scale for the real score (None: the teacher's default).
+        guidance_scale: teacher CFG scale for the real score (None: the teacher's default; [lo, hi]:
+            random-scale CFG, a scale drawn per sample at every teacher call).
         critic_updates_per_generator_update: the two time-scale ratio (5 in the paper; 10 for SD1.5).
         t_min, t_max: range of the noise level for the distribution-matching loss (0.02, 0.98).
         gan_generator_weight: weight of softplus(-D(fake)) in the generator loss (0 = off).
@@ -38,12 +40,13 @@ class DMD2(CriticGeneratorAlgorithm):
     """
 
     def __init__(self, teacher: Teacher, generator: Generator, critic: Critic, *,
-                 guidance_scale: float | None = None, critic_updates_per_generator_update: int = 5,
+                 guidance_scale: float | list[float] | None = None, critic_updates_per_generator_update: int = 5,
                  t_min: float = 0.02, t_max: float = 0.98, gan_generator_weight: float = 0.0,
                  gan_critic_weight: float = 0.0, seed: int = 0) -> None:
         super().__init__(teacher, generator, seed)
         self.critic = critic
-        self.guidance_scale = teacher.guidance_scale if guidance_scale is None else float(guidance_scale)
+        self.guidance_scale = teacher.guidance_scale if guidance_scale is None else \
+            parse_scale(guidance_scale, "algorithm.guidance_scale")  # a range: random-scale CFG
         self.ratio = int(critic_updates_per_generator_update)
         self.t_min, self.t_max = float(t_min), float(t_max)
         self.gan_generator_weight = float(gan_generator_weight)

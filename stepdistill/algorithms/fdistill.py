@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from stepdistill.algorithms.base import Batch, LossOutput, unwrap
 from stepdistill.algorithms.common import CriticGeneratorAlgorithm
 from stepdistill.errors import StepdistillError
+from stepdistill.guidance import parse_scale
 from stepdistill.losses import (
     F_DIVERGENCES,
     density_ratio,
@@ -126,7 +127,8 @@ class FDistill(CriticGeneratorAlgorithm):
         generator: the 1..K-step student.
         critic: the fake-score network with a discriminator head (``Critic(..., head=True)``).
         divergence: a key of ``losses.F_DIVERGENCES`` (``js``, ``forward_kl``, ``reverse_kl`` = DMD2, ...).
-        guidance_scale: teacher CFG scale for the real score (None: the teacher's default).
+        guidance_scale: teacher CFG scale for the real score (None: the teacher's default; [lo, hi]:
+            random-scale CFG, a scale drawn per sample at every teacher call).
         critic_updates_per_generator_update: the two time-scale ratio (5 in the paper).
         t_min, t_max: range of the noise level for the distribution-matching loss (0.02, 0.98).
         gan_generator_weight: weight of softplus(-D(fake)) in the generator loss (0 = off).
@@ -139,7 +141,7 @@ class FDistill(CriticGeneratorAlgorithm):
     """
 
     def __init__(self, teacher: Teacher, generator: Generator, critic: Critic, *, divergence: str = "js",
-                 guidance_scale: float | None = None, critic_updates_per_generator_update: int = 5,
+                 guidance_scale: float | list[float] | None = None, critic_updates_per_generator_update: int = 5,
                  t_min: float = 0.02, t_max: float = 0.98, gan_generator_weight: float = 1e-3,
                  gan_critic_weight: float = 1e-2, logit_clamp: float = 10.0, ratio_min: float = 0.1,
                  ratio_max: float = 20.0, ratio_bins: int = 10, ratio_momentum: float = 0.9,
@@ -147,7 +149,8 @@ class FDistill(CriticGeneratorAlgorithm):
         super().__init__(teacher, generator, seed)
         self.critic = critic
         self.divergence = str(divergence)
-        self.guidance_scale = teacher.guidance_scale if guidance_scale is None else float(guidance_scale)
+        self.guidance_scale = teacher.guidance_scale if guidance_scale is None else \
+            parse_scale(guidance_scale, "algorithm.guidance_scale")  # a range: random-scale CFG
         self.ratio = int(critic_updates_per_generator_update)
         self.t_min, self.t_max = float(t_min), float(t_max)
         self.gan_generator_weight = float(gan_generator_weight)

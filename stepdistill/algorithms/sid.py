@@ -27,7 +27,7 @@ from stepdistill.algorithms.base import Batch, LossOutput, unwrap
 from stepdistill.algorithms.common import CriticGeneratorAlgorithm
 from stepdistill.conditioning import Conditioning
 from stepdistill.errors import StepdistillError
-from stepdistill.guidance import cfg, guided_predict
+from stepdistill.guidance import cfg, draw_scale, guided_predict, parse_scale
 from stepdistill.losses import (
     denoising_loss,
     gan_discriminator_loss,
@@ -69,7 +69,7 @@ class SiD(CriticGeneratorAlgorithm):
             or "anti" (teacher without CFG, critic evaluated at ``guidance_eval_critic`` < 1, i.e. a
             negative guidance strength s - 1; the paper's exact value is not pinned down here).
         guidance_teacher: teacher CFG scale for y_r (None: the teacher's own; must be 1 or None
-            outside "lsg").
+            outside "lsg"; [lo, hi]: random-scale CFG, a scale drawn per sample at every call).
         guidance_train_critic: CFG scale of the critic's output in its denoising loss (1 = none).
         guidance_eval_critic: CFG scale of the critic's output y_f in the generator loss.
         gan_weight: weight of the non-saturating GAN term ``softplus(-D(x_t))`` in the generator
@@ -83,7 +83,7 @@ class SiD(CriticGeneratorAlgorithm):
     def __init__(self, teacher: Teacher, generator: Generator, critic: Critic, *, alpha: float = 1.2,
                  t_min: float = 0.02, t_max: float = 0.8, generator_loss_scale: float = 100.0,
                  grad_through_scores: bool = True, critic_updates_per_generator_update: int = 1,
-                 cfg_mode: str = "lsg", guidance_teacher: float | None = None,
+                 cfg_mode: str = "lsg", guidance_teacher: float | list[float] | None = None,
                  guidance_train_critic: float = 1.0, guidance_eval_critic: float = 1.0,
                  gan_weight: float = 0.0, gan_critic_weight: float = 1e-2, gan_warmup_steps: int = 0,
                  seed: int = 0) -> None:
@@ -98,7 +98,7 @@ class SiD(CriticGeneratorAlgorithm):
         self.gan_warmup_steps = int(gan_warmup_steps)
         self.cfg_mode = cfg_mode
         self.guidance_teacher, self.guidance_train_critic, self.guidance_eval_critic = _resolve_scales(
-            cfg_mode, teacher.guidance_scale if guidance_teacher is None else float(guidance_teacher),
+            cfg_mode, teacher.guidance_scale if guidance_teacher is None else parse_scale(guidance_teacher, "algorithm.guidance_teacher"),
             guidance_teacher is None, float(guidance_train_critic), float(guidance_eval_critic))
         _check(self, critic)
 
@@ -135,7 +135,8 @@ class SiD(CriticGeneratorAlgorithm):
         is not in this phase's trainable set); otherwise they see ``x_t.detach()`` without grad."""
         cond_f = self.critic_condition(cond)
         if self.grad_through_scores:
-            y_real = guided_predict(self.teacher.denoiser, x_t, t, cond, self.guidance_teacher)
+            scale = draw_scale(self.guidance_teacher, len(x_t), x_t.device)  # a range: random-scale CFG
+            y_real = guided_predict(self.teacher.denoiser, x_t, t, cond, scale)
             y_fake, lg = self._critic_predict(x_t, t, cond_f, self.guidance_eval_critic, logits=logits)
             return y_real, y_fake, lg
         with torch.no_grad():

@@ -5,6 +5,8 @@
 ``scheduler/`` for class-conditional ones. ``out`` defaults to ``<run>/export/diffusers``.
 ``format=lora`` writes a LoRA student's adapters for ``pipe.load_lora_weights(out)`` on the
 teacher's pipeline (``stepdistill.pipelines.export_lora``); ``out`` defaults to ``<run>/export/lora``.
+``format=adapters`` writes an AGD run's guidance adapters and their loader
+(``stepdistill.pipelines.export_adapters``); ``out`` defaults to ``<run>/export/adapters``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 from stepdistill.commands.sample import parse_args
 from stepdistill.errors import StepdistillError
 
-FORMATS = ("diffusers", "lora")
+FORMATS = ("diffusers", "lora", "adapters")
 KEYS = {"run": "str", "format": "str", "out": "str", "steps": "int", "overwrite": "bool", "teacher": "str"}
 
 
@@ -37,6 +39,15 @@ def run(overrides: Sequence[str]) -> Path:
                                "trainer writes student/ at the end)")
     out = Path(args.get("out") or root / "export" / fmt)
     overwrite = bool(args.get("overwrite", False))
+    if fmt == "adapters":
+        from stepdistill.pipelines.export_adapters import export_adapters
+
+        written = export_adapters(root, out, overwrite=overwrite)
+        print(f"exported the guidance adapters to {written}/ (see README.md there for the loader)")
+        return written
+    if (root / "student" / "adapters").is_dir():
+        raise StepdistillError(f"run {str(root)!r} is an AGD run (the base model plus guidance adapters): "
+                               "export it with format=adapters")
     if fmt == "lora":
         from stepdistill.pipelines.export_lora import export_lora
 

@@ -106,7 +106,8 @@ def train(cfg: DictConfig) -> TrainResult:
     task = build_task(cfg)
     algorithm = build_algorithm(cfg, trainer_cfg.seed)
     accelerator = build_accelerator(trainer_cfg, logger, out)
-    trainer = Trainer(algorithm, TaskBatches(task, trainer_cfg.seed), trainer_cfg, optim, out, logger=logger,
+    batches = training_batches(cfg, algorithm, task, accelerator, trainer_cfg.seed)
+    trainer = Trainer(algorithm, batches, trainer_cfg, optim, out, logger=logger,
                       task=task, accelerator=accelerator, run_config=to_container(cfg))
     accelerator.wait_for_everyone()  # every process has checked the directory before it changes
     if accelerator.is_main_process:
@@ -123,6 +124,31 @@ def train(cfg: DictConfig) -> TrainResult:
                          teacher_steps=cfg.evaluate.teacher_steps, batch_size=cfg.evaluate.batch_size)
     return TrainResult(fit.algorithm, fit.generator, fit.ema.model if fit.ema is not None else None, task, cfg,
                        fit.wall_s, fit.history, out, fit.skipped_nonfinite)
+
+
+def training_batches(cfg: DictConfig, algorithm: Algorithm, task: Any, accelerator: Any, seed: int):
+    """The task's batches, or (with a ``trajectories`` node: AGD) the teacher's guided trajectories,
+    collected first by the main process where missing (resumable)."""
+    from stepdistill.algorithms.agd import AdapterGuidanceDistillation
+
+    needs = isinstance(algorithm, AdapterGuidanceDistillation)
+    if cfg.get("trajectories") is None:
+        if needs:
+            raise StepdistillError("AGD trains on the teacher's guided trajectories: add a `trajectories` node "
+                                   "(see configs/experiment/digits/agd.yaml)")
+        return TaskBatches(task, seed)
+    if not needs:
+        raise StepdistillError(f"`trajectories` is for AGD; {type(algorithm).__name__} trains on the task's "
+                               "data: set trajectories=null")
+    from stepdistill.data.trajectories import TrajectoryBatches, collect_trajectories
+
+    settings = instantiate(cfg.trajectories)
+    if accelerator.is_main_process:
+        conditions = TaskBatches(task, settings.seed)
+        algorithm.teacher.to(accelerator.device)
+        collect_trajectories(algorithm.teacher, lambda index, n: conditions(index, n).cond, settings)
+    accelerator.wait_for_everyone()
+    return TrajectoryBatches(settings.path, seed, num_shards=settings.num_shards)
 
 
 def build_algorithm(cfg: DictConfig, seed: int) -> Algorithm:

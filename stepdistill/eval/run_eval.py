@@ -19,6 +19,7 @@ from torch import Tensor
 
 from stepdistill.cache import cache_dir
 from stepdistill.conditioning import Conditioning
+from stepdistill.guidance import parse_scale, representative_scale
 from stepdistill.roles import Generator, Teacher
 
 Sampler = Callable[[Tensor, Conditioning], Tensor]  # (noise, cond) -> x0
@@ -109,7 +110,8 @@ def evaluate_student(generator: Generator, teacher: Teacher, task, *, steps: int
         {"student": row, "teacher": row, "teacher_curve": [rows], "reference": {...} | None,
          "pictures": {name: samples [grid_size, ...]}, "picture_labels": labels [grid_size]}
     """
-    scale = teacher.guidance_scale if guidance_scale is None else float(guidance_scale)
+    # a random-scale (range) teacher is compared at the middle of its range
+    scale = representative_scale(teacher.guidance_scale if guidance_scale is None else parse_scale(guidance_scale))
     labels = task.eval_labels(num_samples)
     generator = generator.eval()
     device = next(generator.parameters()).device

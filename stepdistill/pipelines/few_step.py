@@ -220,8 +220,11 @@ class FewStepPipeline(DiffusionPipeline):
         if teacher_dir is not None:
             parts.update(load_text_components(teacher_dir))
         parts.update(components)
-        return cls(**parts, t_max=generator.t_max, default_steps=generator.steps,
+        pipe = cls(**parts, t_max=generator.t_max, default_steps=generator.steps,
                    generator_settings=generator.settings())
+        if getattr(generator, "adapters", None) is not None:  # AGD: the adapters live outside the backbone
+            pipe._adapted_student = generator
+        return pipe
 
     @classmethod
     def from_run(cls, run_dir: str | Path, **components: Any) -> FewStepPipeline:
@@ -243,8 +246,12 @@ class FewStepPipeline(DiffusionPipeline):
         return NoiseSchedule.from_diffusers(self.scheduler)
 
     def student(self) -> Generator:
-        """The ``Generator`` over this pipeline's backbone (shared, not copied)."""
+        """The ``Generator`` over this pipeline's backbone (shared, not copied); an AGD student is
+        the generator the pipeline was built from (its adapters are not part of the backbone)."""
         from stepdistill.denoisers.loading import wrap_backbone
+
+        if getattr(self, "_adapted_student", None) is not None:
+            return self._adapted_student
 
         denoiser = wrap_backbone(self.backbone, self.schedule())
         settings = self.config.get("generator_settings") or {"steps": self.config.default_steps,

@@ -145,12 +145,15 @@ def load_checkpoint(accelerator, path: Path, ema: EMA | None) -> TrainerState:
 
 
 def export_student(generator: nn.Module, directory: Path) -> Path:
-    """Write ``generator.denoiser`` as a diffusers-format directory, replacing ``directory`` whole."""
+    """Write ``generator.denoiser`` as a diffusers-format directory, replacing ``directory`` whole;
+    an AGD student's guidance adapters go to ``adapters/`` inside it."""
     from stepdistill.denoisers.loading import save_denoiser
 
     tmp = directory.with_name(f".{directory.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_denoiser(generator.denoiser, tmp)
+    if getattr(generator, "adapters", None) is not None:
+        generator.adapters.save(tmp / "adapters")
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(tmp, directory)
     return directory

@@ -355,4 +355,4 @@ def _untrained_state(algorithm: Algorithm, trained: list[nn.Module]) -> dict[str
 def _slice(batch: Batch, start: int, stop: int, device: torch.device) -> Batch:
     cond = batch.cond.index(slice(start, stop)).to(device)
     x0 = None if batch.x0 is None else batch.x0[start:stop].to(device)
-    return Batch(cond=cond, x0=x0)
+    return Batch(cond=cond, x0=x0, extras={k: v[start:stop].to(device) for k, v in batch.extras.items()})
