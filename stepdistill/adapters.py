@@ -284,6 +284,33 @@ class GuidanceAdapters(nn.Module):
             self._context.tokens = self._context.vector = None
 
     @contextlib.contextmanager
+    def guiding(self, denoiser: Denoiser, scale: float) -> Iterator[None]:
+        """Within the block every call of ``denoiser`` (which these adapters are attached to: e.g. a
+        DMD2 or LCM student of the same base, through its own sampler) runs with the adapters active
+        at CFG scale ``scale``, unless its condition carries its own scale."""
+
+        def before(_module, args, kwargs):
+            given = {**dict(zip(("x_t", "t", "cond"), args, strict=False)), **kwargs}  # Denoiser.forward(x_t, t, cond)
+            x_t, t, cond = given["x_t"], given["t"], given["cond"]
+            t = torch.as_tensor(t, device=x_t.device, dtype=torch.float64).expand(x_t.shape[0])
+            cond = cond if cond.guidance is not None else cond.with_guidance(scale)
+            stack.enter_context(self.active(t, cond.to(x_t.device)))
+
+        def after(_module, _args, _kwargs, output):
+            stack.close()
+            return output
+
+        stack = contextlib.ExitStack()
+        handles = [denoiser.register_forward_pre_hook(before, with_kwargs=True),
+                   denoiser.register_forward_hook(after, with_kwargs=True)]
+        try:
+            yield
+        finally:
+            stack.close()
+            for handle in handles:
+                handle.remove()
+
+    @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
         """Within the block the adapters are off: the network is the base model again."""
         before, self.enabled = self.enabled, False

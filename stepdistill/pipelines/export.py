@@ -63,10 +63,12 @@ express that and the export's notes give the grid to pass as ``timesteps=``.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -288,6 +290,22 @@ def _replace_dir(tmp: Path, out: Path) -> None:
     os.replace(tmp, out)
 
 
+@contextlib.contextmanager
+def staged_directory(out: Path) -> Iterator[Path]:
+    """A fresh temporary directory next to ``out`` that replaces ``out`` when the block succeeds and
+    is deleted when it fails (an earlier ``out`` is then left as it was)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 # --------------------------------------------------------------------------- export
 def export_diffusers(student: Generator | str | Path, teacher_dir: str | Path | None, out_dir: str | Path,
                      steps: int | None = None, *, overwrite: bool = False) -> Path:
@@ -316,12 +334,7 @@ def export_diffusers(student: Generator | str | Path, teacher_dir: str | Path | 
                                "yet supported (StableDiffusion3Pipeline does not pass its generator to the "
                                "scheduler's stochastic step, so multi-step samples are not reproducible per seed)")
     out = check_out_dir(out_dir, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    with staged_directory(out) as tmp:
         if info.class_name in TEXT_BACKBONES:
             teacher = teacher_dir if teacher_dir is not None else info.teacher_dir
             pipeline = _write_text_export(info, teacher, tmp)
@@ -330,10 +343,6 @@ def export_diffusers(student: Generator | str | Path, teacher_dir: str | Path | 
             info.write_unet(tmp / "unet")
         info.scheduler().save_config(tmp / "scheduler")
         _write_notes(tmp, out, info, pipeline, steps)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

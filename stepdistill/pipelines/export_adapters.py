@@ -17,7 +17,6 @@ the loader::
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from omegaconf import OmegaConf
 
 from stepdistill.adapters import CONFIG, WEIGHTS
 from stepdistill.errors import StepdistillError
-from stepdistill.pipelines.export import MARKER, _replace_dir, check_out_dir
+from stepdistill.pipelines.export import MARKER, check_out_dir, staged_directory
 
 
 def export_adapters(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:
@@ -41,19 +40,11 @@ def export_adapters(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool
              "steps": int(generator.get("steps", 50)), "guidance_scale": float(generator.get("guidance_scale", 1.0)),
              "weights": WEIGHTS, "config": CONFIG}
     out = check_out_dir(out_dir, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged_directory(out) as tmp:
         for name in (WEIGHTS, CONFIG):
             shutil.copy2(source / name, tmp / name)
         (tmp / MARKER).write_text(json.dumps(notes, indent=2) + "\n")
         (tmp / "README.md").write_text(_readme(notes, out))
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

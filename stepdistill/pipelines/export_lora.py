@@ -16,7 +16,6 @@ gives stepdistill's K-step samples for seed s (the RNG order of ``stepdistill.pi
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -26,9 +25,9 @@ from stepdistill.pipelines.export import (
     MARKER,
     TEXT_BACKBONES,
     _check_consistency_export,
-    _replace_dir,
     _student_from_dir,
     check_out_dir,
+    staged_directory,
 )
 
 
@@ -47,18 +46,10 @@ def export_lora(run_dir: str | Path, out_dir: str | Path, steps: int | None = No
     _check_consistency_export(info)
     steps = int(steps or info.steps)
     out = check_out_dir(out_dir, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged_directory(out) as tmp:
         shutil.copy2(weights, tmp / LORA_WEIGHTS)
         info.scheduler().save_config(tmp / "scheduler")
         _write_notes(tmp, out, info, steps)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -8,7 +8,13 @@ import copy
 import pytest
 import torch
 
-from stepdistill.adapters import CrossAttentionAdapter, GuidanceAdapters, _Context, default_targets, parameter_count
+from stepdistill.adapters import (
+    CrossAttentionAdapter,
+    GuidanceAdapters,
+    _Context,
+    default_targets,
+    parameter_count,
+)
 from stepdistill.conditioning import Conditioning
 from stepdistill.denoisers.loading import load_denoiser
 from stepdistill.errors import StepdistillError
@@ -151,3 +157,29 @@ def test_adapters_need_the_scale(generator):
     with pytest.raises(ValueError, match="CFG scale"):
         with generator.adapters.active(t, Conditioning.labels(torch.zeros(6, dtype=torch.long), 10)):
             pass
+
+
+def test_guiding_puts_the_adapters_on_another_students_own_sampler(tmp_path, digits_teacher, generator):
+    from stepdistill.roles import Generator
+
+    _perturb(generator.adapters)
+    student = Generator(digits_teacher.denoiser, steps=2, t_max=0.7, copy=True)  # e.g. a DMD2 student
+    adapters = GuidanceAdapters.load(generator.adapters.save(tmp_path / "adapters"), student.denoiser)
+    noise, cond = torch.randn(4, 1, 8, 8), Conditioning.labels(torch.arange(4), 10)
+    rng = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    with torch.no_grad():
+        plain = student.sample(noise, cond, generator=rng())
+        with adapters.guiding(student.denoiser, 3.0):
+            guided = student.sample(noise, cond, generator=rng())
+        # by hand: the student's own re-noising sampler with every forward inside active(t, cond at 3)
+        from stepdistill.sampling import renoise_sample
+
+        def adapted(x, t):
+            with adapters.active(t, cond.with_guidance(3.0)):
+                return student(x, t, cond)
+
+        by_hand = renoise_sample(adapted, student.schedule, noise, student.grid(), generator=rng())
+        after = student.sample(noise, cond, generator=rng())
+    assert torch.equal(guided, by_hand) and torch.equal(after, plain)
+    assert (guided - plain).abs().max() > 1e-2
+

@@ -8,7 +8,11 @@ from safetensors.torch import load_file
 
 from stepdistill.conditioning import Conditioning
 from stepdistill.data import trajectories as tr
-from stepdistill.data.trajectories import TrajectoryBatches, TrajectorySettings, collect_trajectories
+from stepdistill.data.trajectories import (
+    TrajectoryBatches,
+    TrajectorySettings,
+    collect_trajectories,
+)
 from stepdistill.denoisers.loading import load_denoiser
 from stepdistill.errors import StepdistillError
 from stepdistill.roles import Teacher
@@ -107,7 +111,7 @@ def test_batches_are_seeded_by_step_and_split_exactly_across_processes(tmp_path,
     assert not torch.equal(batches(6, 8).extras["x_t"], whole.extras["x_t"])
     # every row is a stored record with its own trajectory's label
     shards = [load_file(str(tr.shard_path(tmp_path / "t", i))) for i in range(3)]
-    for x, label in zip(whole.extras["x_t"], whole.cond.class_labels):
+    for x, label in zip(whole.extras["x_t"], whole.cond.class_labels, strict=True):
         hits = [(s, (s["x_t"].float() == x).all(1).nonzero()) for s in shards]
         found = [s["class_labels"][s["trajectory"][r[0, 0]].long()] for s, r in hits if len(r)]
         assert found and int(found[0]) == int(label)
