@@ -144,6 +144,10 @@ def training_batches(cfg: DictConfig, algorithm: Algorithm, task: Any, accelerat
 
     settings = instantiate(cfg.trajectories)
     if accelerator.is_main_process:
+        adapters, base = (sum(p.numel() for p in m.parameters())
+                          for m in (algorithm.generator.adapters, algorithm.teacher.denoiser))
+        print(f"guidance adapters: {adapters:,} trainable parameters, {100 * adapters / base:.2f}% of the "
+              f"frozen base's {base:,}")
         conditions = TaskBatches(task, settings.seed)
         algorithm.teacher.to(accelerator.device)
         collect_trajectories(algorithm.teacher, lambda index, n: conditions(index, n).cond, settings)

@@ -113,8 +113,8 @@ def _check_manifest(root: Path, settings: TrajectorySettings) -> None:
     manifest = root / MANIFEST
     if manifest.is_file():
         found = json.loads(manifest.read_text())
-        if found != wanted:
-            diff = {k: (found.get(k), v) for k, v in wanted.items() if found.get(k) != v}
+        diff = {k: (found.get(k), v) for k, v in wanted.items() if found.get(k) != v}
+        if diff:
             raise StepdistillError(f"{str(root)!r} holds trajectories collected with other settings {diff} "
                                    "(found, wanted): choose another trajectories.path or delete that directory")
         return

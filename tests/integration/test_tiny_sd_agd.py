@@ -29,9 +29,12 @@ def test_adapters_sit_after_every_cross_attention_and_are_a_few_percent(one_thre
     algo.generator.adapters.detach()
 
 
-def test_tiny_sd_agd_trains_samples_and_exports(tmp_path, one_thread):
+def test_tiny_sd_agd_trains_samples_and_exports(tmp_path, one_thread, capsys):
     run = tmp_path / "run"
     assert main(["train", "experiment=tiny_sd/agd", f"output_dir={run}", "trainer.progress=false"]) == 0
+    printed = capsys.readouterr().out
+    assert "guidance adapters: 12,096 trainable parameters, 1.53% of the frozen base's 792,964" in printed
+    assert "0 of 2 shards present, 0.0 MiB on disk" in printed and "2 shards, 0.2 MiB on disk" in printed
     assert json.loads((run / "train.json").read_text())["iterations"] == 20
     manifest = json.loads((run / "trajectories" / "manifest.json").read_text())
     assert (manifest["w_min"], manifest["w_max"], manifest["steps"]) == (1.0, 12.0, 10)

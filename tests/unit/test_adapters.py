@@ -53,11 +53,18 @@ def generator(digits_teacher):
     gen.adapters.detach()
 
 
-def test_fresh_adapters_are_the_base_model_at_every_scale(digits_teacher, generator):
+@pytest.mark.parametrize("kind", ["cross_attention", "offset"])
+def test_fresh_adapters_are_the_base_model_at_every_scale_and_then_learn_to_differ(digits_teacher, kind):
     x, t, cond = _inputs()
+    gen = AdapterGenerator(digits_teacher.denoiser, kind=kind, dim=32, attn_dim=8)
     base = digits_teacher.predict(x, t, cond, out=Prediction.EPS, guidance_scale=1.0)
     with torch.no_grad():
-        assert torch.equal(generator(x, t, cond, out=Prediction.EPS), base)
+        assert torch.equal(gen(x, t, cond, out=Prediction.EPS), base)
+    _perturb(gen.adapters)
+    with torch.no_grad():
+        low, high = gen(x, t, cond.with_guidance(torch.full((6,), 1.5))), gen(x, t, cond.with_guidance(torch.full((6,), 5.0)))
+    assert (low - high).abs().max() > 1e-3  # the output depends on the scale
+    gen.adapters.detach()
 
 
 def test_adapters_act_only_inside_active_and_switch_off(digits_teacher, generator):
