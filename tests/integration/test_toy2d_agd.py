@@ -20,7 +20,6 @@ from stepdistill.pipelines.few_step import load_run
 from stepdistill.roles import AdapterGenerator, Teacher
 
 
-
 def test_agd_reproduces_cfg_in_one_pass_and_exports_its_adapters(tmp_path, monkeypatch, one_thread):
     monkeypatch.setenv("STEPDISTILL_CACHE", str(tmp_path / "cache"))
     run = tmp_path / "run"
