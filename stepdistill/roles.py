@@ -261,16 +261,13 @@ class AdapterGenerator(Generator):
         with self.adapters.active(t, cond.to(x_t.device)):
             return self.denoiser(x_t, t, cond, out=out)
 
-    def grid(self, steps: int | None = None) -> Tensor:
-        return self.schedule.timesteps(self.steps if steps is None else int(steps), self.t_max)
-
     def sample(self, noise: Tensor, cond: Conditioning, steps: int | None = None, *,
                generator: torch.Generator | None = None, guidance_scale: float | None = None) -> Tensor:
-        """The ODE sample with one adapted forward per step at ``guidance_scale`` (default: the
-        generator's)."""
+        """The ODE sample (the teacher's DDIM / Euler grid from ``t_max``) with one adapted forward per
+        step at ``guidance_scale`` (default: the generator's); ``generator`` is unused (no noise drawn)."""
         scale = self.guidance_scale if guidance_scale is None else float(guidance_scale)
         guided = cond.with_guidance(scale) if cond.guidance is None else cond
-        grid = self.grid(steps)
+        grid = torch.cat([self.grid(steps), torch.zeros(1, dtype=torch.float64)])
         return ode_sample(lambda x, t: self(x, t, guided), self.schedule, noise, len(grid) - 1, grid=grid)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
