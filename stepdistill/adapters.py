@@ -120,7 +120,6 @@ class ContextEncoder(nn.Module):
         self.time_proj = Timesteps(self.freq_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embedding = TimestepEmbedding(self.freq_dim, dim)
         kind, size = condition["kind"], int(condition["size"])
-        self.condition_kind = kind
         self.class_embedding = nn.Embedding(size, dim) if kind == "class" else None
         self.text_proj = nn.Linear(size, dim) if kind == "text" else None
 

@@ -192,4 +192,4 @@ def run_teacher(config) -> Teacher:
     algorithm = config.get("algorithm") or {}
     scale = algorithm.get("guidance_scale")
     scale = node.get("guidance_scale", 1.0) if scale is None else scale
-    return Teacher(load_denoiser(str(path)), float(1.0 if scale is None else scale))
+    return Teacher(load_denoiser(str(path)), 1.0 if scale is None else scale)  # a range: random-scale CFG

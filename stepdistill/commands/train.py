@@ -129,6 +129,7 @@ def train(cfg: DictConfig) -> TrainResult:
 def training_batches(cfg: DictConfig, algorithm: Algorithm, task: Any, accelerator: Any, seed: int):
     """The task's batches, or (with a ``trajectories`` node: AGD) the teacher's guided trajectories,
     collected first by the main process where missing (resumable)."""
+    from stepdistill.adapters import parameter_count
     from stepdistill.algorithms.agd import AdapterGuidanceDistillation
 
     needs = isinstance(algorithm, AdapterGuidanceDistillation)
@@ -144,8 +145,7 @@ def training_batches(cfg: DictConfig, algorithm: Algorithm, task: Any, accelerat
 
     settings = instantiate(cfg.trajectories)
     if accelerator.is_main_process:
-        adapters, base = (sum(p.numel() for p in m.parameters())
-                          for m in (algorithm.generator.adapters, algorithm.teacher.denoiser))
+        adapters, base = parameter_count(algorithm.generator.adapters), parameter_count(algorithm.teacher.denoiser)
         print(f"guidance adapters: {adapters:,} trainable parameters, {100 * adapters / base:.2f}% of the "
               f"frozen base's {base:,}")
         conditions = TaskBatches(task, settings.seed)
