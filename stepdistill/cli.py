@@ -21,6 +21,13 @@ commands:
   sample        run=DIR [steps=K] [num_images=N] [seed=S] [out=DIR] a run's student: PNGs + grid.png
   export        run=DIR format=diffusers [out=DIR] [steps=K]        a directory diffusers loads
   eval          run=DIR [steps=K] [num_samples=N] [teacher_steps=50] metrics.json + report.md
+  eval-fid      real=DIR|STATS.npz fake=DIR|RUN feature=inception|digits|MODULE [out=JSON]
+                                                                    FID, KID, precision/recall
+  eval-clip     images=DIR prompts=FILE clip=CLIP_DIR [out=JSON]    CLIP score of images vs prompts
+  eval-coco     run=DIR protocol=coco2017_5k|coco2017_10k|coco2014_30k captions=FILE images=DIR
+                clip=CLIP_DIR [inception_path=FILE]                 COCO FID + CLIP score of a student
+  bench         quality|speed|overhead|memory output_dir=DIR [dataset=toy2d|digits]
+                                                                    JSON + markdown table + PNG plot
 """
 
 
@@ -68,6 +75,17 @@ def _eval(overrides: Sequence[str]) -> None:
     evaluate.run(overrides)
 
 
+def _module_main(module: str) -> Callable[[Sequence[str]], None]:
+    """A command whose code lives in ``module`` (imported on use) as ``run(overrides)``."""
+
+    def command(overrides: Sequence[str]) -> None:
+        import importlib
+
+        importlib.import_module(module).run(overrides)
+
+    return command
+
+
 COMMANDS: dict[tuple[str, ...], Callable[[Sequence[str]], None]] = {
     ("teacher", "train"): _teacher_train,
     ("teacher", "eval"): _teacher_eval,
@@ -76,6 +94,13 @@ COMMANDS: dict[tuple[str, ...], Callable[[Sequence[str]], None]] = {
     ("sample",): _sample,
     ("export",): _export,
     ("eval",): _eval,
+    ("eval-fid",): _module_main("stepdistill.commands.eval_fid"),
+    ("eval-clip",): _module_main("stepdistill.commands.eval_clip"),
+    ("eval-coco",): _module_main("stepdistill.commands.eval_coco"),
+    ("bench", "quality"): _module_main("stepdistill.bench.quality"),
+    ("bench", "speed"): _module_main("stepdistill.bench.speed"),
+    ("bench", "overhead"): _module_main("stepdistill.bench.overhead"),
+    ("bench", "memory"): _module_main("stepdistill.bench.memory"),
 }
 
 

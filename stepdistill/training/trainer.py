@@ -105,6 +105,7 @@ class Trainer:
         self.schedules = {ph: build_schedule(opt, self.settings[ph]) for ph, opt in self.optimizers.items()}
         self.prepared = self._prepare()
         self.state = TrainerState()
+        self._trainable_phase: str | None = None
 
     # ------------------------------------------------------------------ setup
     def _check_batch_size(self) -> None:
@@ -145,22 +146,14 @@ class Trainer:
         phase = self.algorithm.phase(step)
         self._set_trainable(phase)
         micro = self._local_batches(step)
-        loss, logs = torch.zeros((), dtype=torch.float64, device=self.accelerator.device), {}
-        for i, batch in enumerate(micro):
-            with self._sync_context(phase, last=i == len(micro) - 1):
-                with self.accelerator.autocast():
-                    out = self.algorithm.loss(phase, batch, step)
-                self.accelerator.backward(out.loss / len(micro))
-            loss += out.loss.detach().double() / len(micro)
-            for k, v in out.logs.items():  # tensors stay on the device: no sync per step
-                v = v.detach() if isinstance(v, torch.Tensor) else float(v)
-                logs[k] = logs.get(k, 0.0) + v / len(micro)
+        loss, logs = self._forward_backward(phase, micro, step)
         opt, settings = self.optimizers[phase], self.settings[phase]
         lr = float(opt.param_groups[0]["lr"])
         self.accelerator.unscale_gradients(optimizer=opt)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.phase_params[phase],
-                                                         settings.max_grad_norm or math.inf))
-        loss_value = float(self.accelerator.reduce(loss, "mean"))
+        grad_norm = float(_clip_or_measure(self.phase_params[phase], settings.max_grad_norm))
+        if self.accelerator.num_processes > 1:
+            loss = self.accelerator.reduce(loss, "mean")
+        loss_value = float(loss)
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
         if finite:
             opt.step()
@@ -173,7 +166,32 @@ class Trainer:
         opt.zero_grad(set_to_none=True)
         return self._account(StepRecord(step, phase, loss_value, lr, grad_norm, not finite, logs))
 
+    def _forward_backward(self, phase: str, micro: list[Batch], step: int) -> tuple[Tensor, dict[str, Any]]:
+        """Loss and backward over the micro-batches (gradients averaged over them); returns the
+        mean loss (detached) and the mean logs, kept as tensors so nothing waits for the device."""
+        if len(micro) == 1:  # the common case, without the averaging arithmetic
+            with self.accelerator.autocast():
+                out = self.algorithm.loss(phase, micro[0], step)
+            self.accelerator.backward(out.loss)
+            return out.loss.detach(), {k: v.detach() if isinstance(v, Tensor) else float(v)
+                                       for k, v in out.logs.items()}
+        loss, logs = torch.zeros((), dtype=torch.float64, device=self.accelerator.device), {}
+        for i, batch in enumerate(micro):
+            with self._sync_context(phase, last=i == len(micro) - 1):
+                with self.accelerator.autocast():
+                    out = self.algorithm.loss(phase, batch, step)
+                self.accelerator.backward(out.loss / len(micro))
+            loss += out.loss.detach().double() / len(micro)
+            for k, v in out.logs.items():
+                v = v.detach() if isinstance(v, Tensor) else float(v)
+                logs[k] = logs.get(k, 0.0) + v / len(micro)
+        return loss, logs
+
     def _set_trainable(self, phase: str) -> None:
+        """``requires_grad`` on the phase's parameters only (set again only when the phase changes)."""
+        if self._trainable_phase == phase:
+            return
+        self._trainable_phase = phase
         for params in self.phase_params.values():
             for p in params:
                 p.requires_grad_(False)
@@ -231,16 +249,13 @@ class Trainer:
         if self.logger.kind != "none":
             acc.init_trackers(self.logger.project, config=flat_config(self.run_config),
                               init_kwargs=self.logger.init_kwargs(self.output_dir))
-        callbacks = self._callbacks(start_step)
+        callbacks = self.make_callbacks(start_step)
         self.algorithm.train()
         last_saved = start_step if start_step else None
         finished = False
         try:
             for step in range(start_step, cfg.max_steps):
-                record = self.train_step(step)
-                self.state.step = step + 1
-                for cb in callbacks:
-                    cb.after_step(record, last=step + 1 == cfg.max_steps)
+                self.run_step(step, callbacks)
                 if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
                     last_saved = self.state.step
                     self.save_checkpoint()
@@ -262,7 +277,17 @@ class Trainer:
                          self.state.skipped_nonfinite, start_step,
                          checkpoint.latest_checkpoint(self.output_dir / "checkpoints"))
 
-    def _callbacks(self, start_step: int) -> list:
+    def run_step(self, step: int, callbacks: list) -> StepRecord:
+        """One iteration of the run: the optimizer step, then the callbacks (logs, progress,
+        sample grids); ``fit`` and ``stepdistill bench overhead`` time exactly this."""
+        record = self.train_step(step)
+        self.state.step = step + 1
+        for cb in callbacks:
+            cb.after_step(record, last=step + 1 == self.config.max_steps)
+        return record
+
+    def make_callbacks(self, start_step: int) -> list:
+        """The logs.jsonl writer, the progress bar and (with a task) the sample grids."""
         acc, cfg = self.accelerator, self.config
         out = [MetricsLog(acc, self.output_dir / "logs.jsonl", cfg.log_every, start_step),
                Progress(cfg.max_steps, start_step, cfg.progress and acc.is_main_process)]
@@ -306,6 +331,14 @@ class Trainer:
                    "num_processes": self.accelerator.num_processes, "global_batch_size": self.config.batch_size,
                    "mixed_precision": self.accelerator.mixed_precision, "ema": self.ema is not None}
         (self.output_dir / "train.json").write_text(json.dumps(summary, indent=2))
+
+
+def _clip_or_measure(params: list[nn.Parameter], max_norm: float | None) -> Tensor:
+    """The gradients' total norm before clipping; clips to ``max_norm`` when set (without it, only
+    measures: the non-finite guard needs the norm, and a clip to infinity would rescale by 1)."""
+    if max_norm:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
 
 
 def _phase_parameters(algorithm: Algorithm) -> dict[str, list[nn.Parameter]]:
