@@ -205,6 +205,30 @@ def build_tiny_sd3(out_dir: str | Path, seed: int = SEED, with_t5: bool = True) 
     return _save("StableDiffusion3Pipeline", sd3_components(seed, with_t5), out_dir)
 
 
+def build_tiny_clip(out_dir: str | Path, seed: int = SEED) -> Path:
+    """Save a tiny random ``CLIPModel`` + ``CLIPProcessor`` (hidden 32, 2 layers, 32x32 images in
+    8x8 patches, 16-d projections, the tiny tokenizer) to ``out_dir`` as a real CLIP directory is
+    laid out, for CLIP-score tests; returns its path."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
+
+    tokenizer = tiny_clip_tokenizer()
+    tower = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=MAX_LENGTH,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, **tower),
+        vision_config=dict(image_size=32, patch_size=8, **tower), projection_dim=16)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = CLIPModel(config).eval()
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(out)
+    return out
+
+
 BUILDERS = {"sd15": build_tiny_sd15, "sdxl": build_tiny_sdxl, "sd3": build_tiny_sd3}
 
 

@@ -35,6 +35,8 @@ class TrainerConfig:
         cpu: train on the CPU even when a GPU is present.
         find_unused_parameters: DDP's flag, for phases whose loss leaves some trained parameters unused.
         progress: show the progress bar (main process).
+        max_wall_s: stop after this many seconds of the run (as if ``max_steps`` had been reached:
+            last checkpoint, student, train.json), e.g. to train under a wall-time budget; null: no limit.
     """
 
     max_steps: int = 1000
@@ -53,6 +55,7 @@ class TrainerConfig:
     cpu: bool = False
     find_unused_parameters: bool = False
     progress: bool = True
+    max_wall_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.mixed_precision not in PRECISIONS:
@@ -60,6 +63,8 @@ class TrainerConfig:
         for key in ("max_steps", "batch_size", "gradient_accumulation_steps", "max_nonfinite_in_a_row"):
             if int(getattr(self, key)) < 1:
                 raise StepdistillError(f"trainer.{key} must be >= 1; got {getattr(self, key)}")
+        if self.max_wall_s is not None and float(self.max_wall_s) <= 0:
+            raise StepdistillError(f"trainer.max_wall_s must be > 0 or null; got {self.max_wall_s}")
         if self.ema_decay is not None and not 0.0 <= float(self.ema_decay) < 1.0:
             raise StepdistillError(f"trainer.ema_decay must be in [0, 1) or null; got {self.ema_decay}")
 

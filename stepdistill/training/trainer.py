@@ -106,6 +106,8 @@ class Trainer:
         self.prepared = self._prepare()
         self.state = TrainerState()
         self._trainable_phase: str | None = None
+        self.deadline: float | None = None  # fit(): when trainer.max_wall_s runs out
+        self.out_of_time = False
 
     # ------------------------------------------------------------------ setup
     def _check_batch_size(self) -> None:
@@ -242,6 +244,7 @@ class Trainer:
                 first step: a failed resume leaves the run directory as it was.
         """
         start_time, acc, cfg = time.perf_counter(), self.accelerator, self.config
+        self.deadline = start_time + cfg.max_wall_s if cfg.max_wall_s else None
         self._resume_or_seed()
         start_step = self.state.step
         if on_start is not None and acc.is_main_process:
@@ -259,6 +262,8 @@ class Trainer:
                 if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
                     last_saved = self.state.step
                     self.save_checkpoint()
+                if self.out_of_time:
+                    break
             if last_saved != self.state.step:
                 self.save_checkpoint()
             wall = time.perf_counter() - start_time
@@ -282,9 +287,21 @@ class Trainer:
         sample grids); ``fit`` and ``stepdistill bench overhead`` time exactly this."""
         record = self.train_step(step)
         self.state.step = step + 1
+        self.out_of_time = self._past_deadline()
         for cb in callbacks:
-            cb.after_step(record, last=step + 1 == self.config.max_steps)
+            cb.after_step(record, last=step + 1 == self.config.max_steps or self.out_of_time)
         return record
+
+    def _past_deadline(self) -> bool:
+        """``trainer.max_wall_s`` spent (the main process decides for all, so all stop together)."""
+        if self.deadline is None:
+            return False
+        past = time.perf_counter() >= self.deadline
+        if self.accelerator.num_processes == 1:
+            return past
+        from accelerate.utils import broadcast
+
+        return bool(broadcast(torch.tensor([past], device=self.accelerator.device)).item())
 
     def make_callbacks(self, start_step: int) -> list:
         """The logs.jsonl writer, the progress bar and (with a task) the sample grids."""

@@ -191,6 +191,33 @@ def test_nonfinite_steps_are_skipped_and_counted(tmp_path, task):
     assert json.loads((tmp_path / "run/train.json").read_text())["skipped_nonfinite"] == 2
 
 
+def test_max_wall_s_stops_like_max_steps(tmp_path, task, monkeypatch):
+    """With trainer.max_wall_s the run ends at the first step past the deadline, as if max_steps were
+    there: last checkpoint, student, train.json, the last step logged (a fake clock: 1 s per step)."""
+    from types import SimpleNamespace
+
+    from stepdistill.training import trainer as trainer_module
+
+    clock = [0.0]
+    monkeypatch.setattr(trainer_module, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    trainer = make_trainer(tmp_path, task, max_steps=50, max_wall_s=3.5, log_every=100)
+    step_once = trainer.train_step
+
+    def tick(step):
+        clock[0] += 1.0
+        return step_once(step)
+
+    trainer.train_step = tick
+    result = trainer.fit()
+    assert len(result.history) == 4 and result.checkpoint.name == "checkpoint-4"
+    assert json.loads((tmp_path / "train.json").read_text())["iterations"] == 4
+    assert (tmp_path / "student").is_dir()
+    rows = [json.loads(line) for line in (tmp_path / "logs.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 3  # logged as the last step (log_every=100 logs only first and last)
+    with pytest.raises(StepdistillError, match="max_wall_s must be > 0"):
+        TrainerConfig(max_wall_s=0)
+
+
 def test_too_many_nonfinite_steps_in_a_row_stop_with_a_clear_message(tmp_path, task):
     trainer = make_trainer(tmp_path, task, algorithm=tiny_algorithm(nan_from=3), max_steps=20,
                            max_nonfinite_in_a_row=4, checkpoint_every=2)
