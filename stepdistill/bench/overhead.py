@@ -65,18 +65,13 @@ def run(overrides: Sequence[str]) -> dict[str, Any]:
         row = results[key]
         print(f"  trainer {1e3 * row['trainer_s_per_it']:.2f} ms/it, bare {1e3 * row['bare_s_per_it']:.2f} "
               f"ms/it, ratio {row['ratio']:.3f}")
-    payload = {**results, "settings": {"dataset": dataset, "limit": LIMIT, **_settings(args)}}
+    payload = dict(results)
     rows = [{"algorithm": k, **v} for k, v in results.items()]
     table = markdown_table(rows, ["algorithm", "experiment", "trainer_s_per_it", "bare_s_per_it", "ratio",
                                   "iterations_per_block", "blocks"])
     write_suite(out, "overhead", payload, table, lambda path: _plot(results, path),
                 title=f"Trainer vs bare loop, seconds per iteration, {dataset} (limit {LIMIT})")
     return payload
-
-
-def _settings(args: dict[str, Any]) -> dict[str, Any]:
-    return {"blocks": args.get("blocks", 5), "block_s": args.get("block_s", 3.0),
-            "threads": torch.get_num_threads()}
 
 
 def measure(experiment: str, *, blocks: int = 5, block_s: float = 3.0, min_iterations: int = 5,

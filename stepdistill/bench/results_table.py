@@ -1,6 +1,6 @@
 """The README's results table, generated from the benchmark files (never hand-typed numbers).
 
-``python scripts/results_table.py BENCH_DIR [--readme README.md] [--check]`` reads whichever of
+``python scripts/results_table.py BENCH_DIR [BENCH_DIR ...] [--readme README.md] [--check]`` reads whichever of
 ``bench_quality.json``, ``bench_speed.json``, ``bench_overhead.json`` and ``bench_memory.json`` exist in
 ``BENCH_DIR`` (the files ``stepdistill bench <suite> output_dir=BENCH_DIR`` writes) and replaces what lies
 between the README's markers::
@@ -51,10 +51,11 @@ def load(bench_dir: str | Path) -> dict[str, dict[str, Any]]:
     return found
 
 
-def render(bench_dir: str | Path) -> str:
-    """The markdown block (without the markers) for the benchmark files in ``bench_dir``."""
-    payloads = load(bench_dir)
-    sections = [RENDERERS[suite](payload) for suite, payload in payloads.items()]
+def render(bench_dirs: str | Path | Sequence[str | Path]) -> str:
+    """The markdown block (without the markers) for the benchmark files in ``bench_dirs`` (one
+    directory or several, e.g. one per dataset: their sections follow in that order)."""
+    dirs = [bench_dirs] if isinstance(bench_dirs, str | Path) else list(bench_dirs)
+    sections = [RENDERERS[suite](payload) for d in dirs for suite, payload in load(d).items()]
     return NOTICE + "\n\n" + "\n".join(sections)
 
 
@@ -109,8 +110,11 @@ def render_speed(payload: dict[str, Any]) -> str:
 def render_overhead(payload: dict[str, Any]) -> str:
     """The trainer's seconds per iteration against a bare loop, per algorithm."""
     rows = [{"algorithm": name, "trainer s/it": v["trainer_s_per_it"], "bare s/it": v["bare_s_per_it"],
-             "ratio": v["ratio"]} for name, v in payload.items() if name != "machine" and isinstance(v, dict)]
-    out = ["### Trainer overhead\n\n", _measured(payload, "overhead")]
+             "ratio": v["ratio"]} for name, v in payload.items() if isinstance(v, dict) and "ratio" in v]
+    datasets = sorted({str(v["experiment"]).split("/", 1)[0] for v in payload.values()
+                       if isinstance(v, dict) and "experiment" in v})
+    where = f" ({', '.join(datasets)})" if datasets else ""
+    out = [f"### Trainer overhead{where}\n\n", _measured(payload, "overhead")]
     if rows:
         out.append(_table(rows) + "\n")
     return "".join(out)
@@ -164,7 +168,7 @@ def replace_block(text: str, block: str, name: str = "README") -> str:
     return text[:start] + "\n" + block.rstrip("\n") + "\n" + text[end:]
 
 
-def update_readme(bench_dir: str | Path, readme: str | Path, check: bool = False) -> bool:
+def update_readme(bench_dir: str | Path | Sequence[str | Path], readme: str | Path, check: bool = False) -> bool:
     """Write the generated block into ``readme`` (unless ``check``); returns whether it was stale."""
     path = Path(readme)
     if not path.is_file():
@@ -179,7 +183,8 @@ def update_readme(bench_dir: str | Path, readme: str | Path, check: bool = False
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="results_table.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("bench_dir", help="the output_dir of `stepdistill bench <suite>` (bench_*.json)")
+    parser.add_argument("bench_dir", nargs="+",
+                        help="output_dirs of `stepdistill bench <suite>` (bench_*.json), sections in this order")
     parser.add_argument("--readme", default="README.md", help="the file with the markers (default README.md)")
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if the block is stale")
     args = parser.parse_args(argv)
@@ -191,9 +196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check:
         if stale:
             print(f"{args.readme}: the results block is stale; regenerate it with "
-                  f"`python scripts/results_table.py {args.bench_dir} --readme {args.readme}`", file=sys.stderr)
+                  f"`python scripts/results_table.py {' '.join(args.bench_dir)} --readme {args.readme}`", file=sys.stderr)
             return 1
         print(f"{args.readme}: the results block is up to date")
         return 0
-    print(f"{args.readme}: results block {'updated' if stale else 'already up to date'} from {args.bench_dir}")
+    print(f"{args.readme}: results block {'updated' if stale else 'already up to date'} from {' '.join(args.bench_dir)}")
     return 0
