@@ -79,8 +79,12 @@ def machine() -> dict[str, Any]:
 def machine_line(info: dict[str, Any]) -> str:
     """One line naming the machine: ``2026-12-02, CPU <name> (2 cores, 2 threads), torch 2.13.0``."""
     device = f"GPU {info['gpu']}" if info.get("gpu") else \
-        f"CPU {info['cpu']} ({info['cpu_cores']} cores, {info['torch_threads']} threads)"
+        f"CPU {info['cpu']} ({info['cpu_cores']} cores, {_plural(info['torch_threads'], 'torch thread')})"
     return f"{info['date']}, {device}, torch {info['torch']}"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:

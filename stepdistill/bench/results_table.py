@@ -82,7 +82,8 @@ def render_quality(payload: dict[str, Any]) -> str:
         title += f"; {budget:g} s of training per experiment)" if budget is not None else ")"
         out.append(title + "\n\n")
         table = [{"experiment": r["experiment"], "algorithm": r["algorithm"], "steps": r["steps"], "NFE": r["nfe"],
-                  metric: r["value"], f"teacher ({teacher_steps} steps)": r["teacher_value"], "ratio": r["ratio"],
+                  metric: r["value"], f"teacher ({teacher_steps} steps)": r["teacher_value"],
+                  "teacher CFG": r.get("teacher_guidance_scale"), "ratio": r["ratio"],
                   "iterations": r["iterations"], "wall (s)": r["wall_s"]} for r in mine]
         if table:
             out.append(_table(table) + "\n")
@@ -97,13 +98,19 @@ def render_speed(payload: dict[str, Any]) -> str:
     """Samples per second of each model, and the speedup over the NFE ratio."""
     rows = [{"model": r["model"], "steps": r["steps"], "NFE": r["nfe"], "guidance scale": r.get("guidance_scale"),
              "samples/s": r["samples_per_s"]} for r in payload.get("rows", [])]
-    out = ["### Sampling speed\n\n", _measured(payload, "speed")]
+    where = f" ({payload['dataset']}, batch {payload.get('batch_size')})" if payload.get("dataset") else ""
+    out = [f"### Sampling speed{where}\n\n", _measured(payload, "speed")]
     if rows:
         out.append(_table(rows) + "\n")
     ratios = payload.get("speedup_over_nfe_ratio") or {}
     if ratios:
         out.append("Speedup over the NFE ratio (1.0: every network evaluation costs the same): "
                    + ", ".join(f"{k} {v:.3g}" for k, v in ratios.items()) + ".\n\n")
+    criterion = payload.get("criterion")
+    if criterion:
+        verdict = "met" if criterion.get("passed") else "not met"
+        out.append(f"1-step students: lowest speedup over the NFE ratio {criterion['min_one_step_ratio']:.3g} "
+                   f"(bar >= {criterion['threshold']:g}: {verdict}).\n\n")
     return "".join(out)
 
 
@@ -136,7 +143,9 @@ def render_memory(payload: dict[str, Any]) -> str:
         if cuda:
             row["CUDA peak (MiB)"] = r.get("cuda_peak_mib")
         rows.append(row)
-    out = ["### Memory\n\n", _measured(payload, "memory")]
+    datasets = sorted({str(r["experiment"]).split("/", 1)[0] for r in source})
+    where = f" ({', '.join(datasets)})" if datasets else ""
+    out = [f"### Memory{where}\n\n", _measured(payload, "memory")]
     if rows:
         out.append(_table(rows) + "\n")
     return "".join(out)
