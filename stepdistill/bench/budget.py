@@ -41,25 +41,13 @@ def probe(cfg: DictConfig, warmup: int = PROBE_WARMUP, iterations: int = PROBE_I
     Nothing is written into ``cfg.output_dir`` except, for AGD, the teacher's trajectories (which the
     run then reuses).
     """
-    from stepdistill.commands.teacher import build_task
-    from stepdistill.commands.train import build_algorithm, training_batches
-    from stepdistill.config import instantiate
+    from stepdistill.commands.train import build_trainer
     from stepdistill.training.callbacks import LoggerConfig
-    from stepdistill.training.settings import build_accelerator
-    from stepdistill.training.trainer import Trainer
 
     if iterations < 1 or warmup < 0:
         raise StepdistillError(f"the probe needs iterations >= 1 and warmup >= 0, got {iterations}, {warmup}")
     start = time.perf_counter()
-    trainer_cfg = instantiate(cfg.trainer)
-    logger = LoggerConfig()
-    out = _path(cfg.output_dir)
-    task = build_task(cfg)
-    algorithm = build_algorithm(cfg, trainer_cfg.seed)
-    accelerator = build_accelerator(trainer_cfg, logger, out)
-    batches = training_batches(cfg, algorithm, task, accelerator, trainer_cfg.seed)
-    trainer = Trainer(algorithm, batches, trainer_cfg, instantiate(cfg.optim), out, logger=logger,
-                      accelerator=accelerator)
+    trainer = build_trainer(cfg, _path(cfg.output_dir), logger=LoggerConfig())
     trainer.algorithm.train()
     setup = time.perf_counter() - start
     for step in range(warmup):

@@ -2,7 +2,7 @@
 [batch_size=N] [cpu=false] [jobs=1]``: peak memory and trainable parameters per experiment.
 
 Each experiment is built exactly as ``stepdistill train`` builds it (``compose_train``,
-``build_task``, ``build_algorithm``, ``training_batches``, ``Trainer``) in a process of its own, and
+``commands.train.build_trainer``) in a process of its own, and
 runs ``iterations`` optimizer steps, more if needed for every phase to run once (DMD2's critic
 updates come first), through ``Trainer.train_step`` (the optimizers' state included). Memory:
 
@@ -181,11 +181,7 @@ def measure_here(experiment: str, work_dir: str | Path, iterations: int, batch_s
     from accelerate.utils import set_seed
     from diffusers import ModelMixin  # noqa: F401  (diffusers imports its models lazily)
 
-    from stepdistill.commands.teacher import build_task
-    from stepdistill.commands.train import build_algorithm, compose_train, training_batches
-    from stepdistill.config import instantiate
-    from stepdistill.training.settings import build_accelerator
-    from stepdistill.training.trainer import Trainer
+    from stepdistill.commands.train import build_trainer, compose_train
 
     imports_rss = _mib(current_rss_kib())
     work = Path(work_dir)
@@ -202,15 +198,10 @@ def measure_here(experiment: str, work_dir: str | Path, iterations: int, batch_s
         cfg.trajectories.num_trajectories = TRAJECTORY_COUNT
         cfg.trajectories.shard_size = TRAJECTORY_COUNT
         cfg.trajectories.batch_size = TRAJECTORY_COUNT
-    trainer_cfg, optim, logger = instantiate(cfg.trainer), instantiate(cfg.optim), instantiate(cfg.logger)
-    task = build_task(cfg)
-    algorithm = build_algorithm(cfg, trainer_cfg.seed)
-    accelerator = build_accelerator(trainer_cfg, logger, work / "run")
-    batches = training_batches(cfg, algorithm, task, accelerator, trainer_cfg.seed)
+    trainer = build_trainer(cfg, work / "run")  # AGD: collects the trajectories first
     if collect_only:
         return {"collected": str(cfg.trajectories.path)}
-    trainer = Trainer(algorithm, batches, trainer_cfg, optim, work / "run", logger=logger,
-                      accelerator=accelerator)
+    algorithm, trainer_cfg, accelerator = trainer.algorithm, trainer.config, trainer.accelerator
     row = {"experiment": experiment, "algorithm": type(algorithm).__name__, **parameter_counts(trainer),
            "batch_size": int(trainer_cfg.batch_size), "iterations": int(iterations),
            "device": str(accelerator.device)}

@@ -39,6 +39,7 @@ from stepdistill.bench.common import (
     parse_bench_args,
     write_suite,
 )
+from stepdistill.bench.timing import synchronize
 from stepdistill.errors import StepdistillError
 
 KEYS = {"output_dir": "str", "dataset": "str", "experiments": "strs", "blocks": "int", "block_s": "float",
@@ -108,13 +109,8 @@ def _timed(fn: Callable[[int], Any], steps: range) -> float:
     start = time.perf_counter()
     for step in steps:
         fn(step)
-    _synchronize()
+    synchronize("cuda" if torch.cuda.is_available() else "cpu")
     return time.perf_counter() - start
-
-
-def _synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def _profile(fn: Callable[[int], Any], steps: range, path: Path) -> None:
@@ -133,11 +129,8 @@ def _build(experiment: str, tmp: Path):
     """(trainer, its callbacks, the bare step function) for ``experiment``, built as
     ``stepdistill train`` builds a run, both copies from the same config and seed."""
     from stepdistill.bench.bare_loop import BareLoop
-    from stepdistill.commands.teacher import build_task
-    from stepdistill.commands.train import build_algorithm, compose_train, training_batches
+    from stepdistill.commands.train import build_algorithm, build_trainer, compose_train
     from stepdistill.config import instantiate
-    from stepdistill.training.settings import build_accelerator
-    from stepdistill.training.trainer import Trainer
 
     overrides = [f"experiment={experiment}", f"output_dir={tmp / 'run'}", "logger=none", "evaluate.enabled=false",
                  "trainer.checkpoint_every=0", "trainer.sample_every=0", "trainer.max_steps=1000000000"]
@@ -145,19 +138,14 @@ def _build(experiment: str, tmp: Path):
     if cfg.get("trajectories") is not None:  # AGD: one shard of the teacher's trajectories is enough here
         cfg.trajectories.path = str(tmp / "trajectories")
         cfg.trajectories.num_trajectories = cfg.trajectories.shard_size
-    trainer_cfg, optim, logger = instantiate(cfg.trainer), instantiate(cfg.optim), instantiate(cfg.logger)
-    task = build_task(cfg)
-    accelerator = build_accelerator(trainer_cfg, logger, tmp / "run")
-    if accelerator.num_processes != 1:
+    trainer = build_trainer(cfg, tmp / "run")
+    if trainer.accelerator.num_processes != 1:
         raise StepdistillError("stepdistill bench overhead runs in one process; launch it without accelerate")
-    algorithm = build_algorithm(cfg, trainer_cfg.seed)
-    batches = training_batches(cfg, algorithm, task, accelerator, trainer_cfg.seed)
-    trainer = Trainer(algorithm, batches, trainer_cfg, optim, tmp / "run", logger=logger, task=task,
-                      accelerator=accelerator)
     (tmp / "run").mkdir(parents=True, exist_ok=True)
     trainer.algorithm.train()
     callbacks = trainer.make_callbacks(0)
-    bare = BareLoop(build_algorithm(cfg, trainer_cfg.seed), batches, trainer_cfg, optim, accelerator.device)
+    bare = BareLoop(build_algorithm(cfg, trainer.config.seed), trainer.batches, trainer.config,
+                    instantiate(cfg.optim), trainer.accelerator.device)
     return trainer, callbacks, bare
 
 

@@ -99,16 +99,12 @@ def run(overrides: Sequence[str]) -> TrainResult:
 def train(cfg: DictConfig) -> TrainResult:
     """Build everything from ``cfg``, check the output directory, train, and return the result."""
     trainer_cfg: TrainerConfig = instantiate(cfg.trainer)
-    optim, logger = instantiate(cfg.optim), instantiate(cfg.logger)
+    instantiate(cfg.optim), instantiate(cfg.logger)  # their mistakes are reported before anything is built
     out = check_output_dir(cfg.output_dir, cfg.overwrite, trainer_cfg.resume)
     _require_teacher_path(cfg)
     _require_metrics_if_evaluating(cfg)
-    task = build_task(cfg)
-    algorithm = build_algorithm(cfg, trainer_cfg.seed)
-    accelerator = build_accelerator(trainer_cfg, logger, out)
-    batches = training_batches(cfg, algorithm, task, accelerator, trainer_cfg.seed)
-    trainer = Trainer(algorithm, batches, trainer_cfg, optim, out, logger=logger,
-                      task=task, accelerator=accelerator, run_config=to_container(cfg))
+    trainer = build_trainer(cfg, out)
+    accelerator, task = trainer.accelerator, trainer.task
     accelerator.wait_for_everyone()  # every process has checked the directory before it changes
     if accelerator.is_main_process:
         start_run_dir(out, cfg.overwrite and not trainer_cfg.resume)
@@ -124,6 +120,20 @@ def train(cfg: DictConfig) -> TrainResult:
                          teacher_steps=cfg.evaluate.teacher_steps, batch_size=cfg.evaluate.batch_size)
     return TrainResult(fit.algorithm, fit.generator, fit.ema.model if fit.ema is not None else None, task, cfg,
                        fit.wall_s, fit.history, out, fit.skipped_nonfinite)
+
+
+def build_trainer(cfg: DictConfig, out: Path, *, logger: Any = None) -> Trainer:
+    """The run ``cfg`` built as ``stepdistill train`` builds it: task, algorithm, accelerator, training
+    batches (for AGD: the teacher's trajectories, collected where missing) and the ``Trainer`` writing
+    under ``out`` (``logger``: default the config's). Nothing else is written before ``fit``."""
+    trainer_cfg: TrainerConfig = instantiate(cfg.trainer)
+    logger = logger if logger is not None else instantiate(cfg.logger)
+    task = build_task(cfg)
+    algorithm = build_algorithm(cfg, trainer_cfg.seed)
+    accelerator = build_accelerator(trainer_cfg, logger, out)
+    batches = training_batches(cfg, algorithm, task, accelerator, trainer_cfg.seed)
+    return Trainer(algorithm, batches, trainer_cfg, instantiate(cfg.optim), out, logger=logger, task=task,
+                   accelerator=accelerator, run_config=to_container(cfg))
 
 
 def training_batches(cfg: DictConfig, algorithm: Algorithm, task: Any, accelerator: Any, seed: int):
