@@ -35,8 +35,8 @@ import torch
 from torch import Tensor, nn
 
 from stepdistill.errors import StepdistillError
+from stepdistill.eval.images import IMAGE_EXTENSIONS
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 #: what ``stepdistill sample`` writes next to its PNGs (``files`` and ``prompts``, in order)
 SAMPLES_JSON = "samples.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -321,15 +321,15 @@ def image_files(images_dir: str | Path) -> list[Path]:
     marker = folder / SAMPLES_JSON
     if marker.is_file():
         files = _samples_record(marker).get("files") or []
-        paths = [folder / f for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES]
+        paths = [folder / f for f in files if Path(f).suffix.lower() in IMAGE_EXTENSIONS]
         missing = [p.name for p in paths if not p.is_file()]
         if missing:
             raise StepdistillError(f"{str(marker)!r} lists {missing[0]} but {str(folder)!r} lacks it; sample again")
         if paths:
             return paths
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not paths:
-        raise StepdistillError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {str(folder)!r}")
+        raise StepdistillError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {str(folder)!r}")
     return paths
 
 

@@ -258,10 +258,7 @@ def _check_clip(clip_dir: str | None) -> Path | None:
 
 def _read_images(folder: Path, rows: range) -> torch.Tensor:
     """The PNGs ``NNNNNN.png`` of ``folder`` for ``rows`` as uint8 [N, 3, H, W]."""
-    from PIL import Image
+    from stepdistill.eval.images import load_image
 
-    arrays = []
-    for i in rows:
-        with Image.open(folder / f"{i:06d}.png") as image:
-            arrays.append(np.asarray(image.convert("RGB")))
+    arrays = [load_image(folder / f"{i:06d}.png") for i in rows]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
