@@ -181,12 +181,6 @@ class Trainer:
     def _forward_backward(self, phase: str, micro: list[Batch], step: int) -> tuple[Tensor, dict[str, Any]]:
         """Loss and backward over the micro-batches (gradients averaged over them); returns the
         mean loss (detached) and the mean logs, kept as tensors so nothing waits for the device."""
-        if len(micro) == 1:  # the common case, without the averaging arithmetic
-            with self.accelerator.autocast():
-                out = self.algorithm.loss(phase, micro[0], step)
-            self.accelerator.backward(out.loss)
-            return out.loss.detach(), {k: v.detach() if isinstance(v, Tensor) else float(v)
-                                       for k, v in out.logs.items()}
         loss, logs = torch.zeros((), dtype=torch.float64, device=self.accelerator.device), {}
         for i, batch in enumerate(micro):
             with self._sync_context(phase, last=i == len(micro) - 1):
