@@ -18,8 +18,8 @@ Keys:
     output_dir: where bench_quality.json / .md / .png and ``runs/`` go (required).
     dataset: toy2d | digits (default: both, in turn).
     experiments: e.g. ``[toy2d/dmd2,toy2d/lcm]`` or bare names (``[dmd2,lcm]``: on each dataset that has
-        them). Default: one experiment per algorithm, the shipped ones whose name has no ``_`` (variants
-        such as ``dmd2_long``, ``dmd2_4step``, ``sid_4step`` run only when listed).
+        them). Default: ``bench.common.default_experiments`` (the shipped ones without the variants
+        such as ``dmd2_long``, ``dmd2_4step``, ``sid_4step``, which run only when listed).
     budget_s: training wall time per experiment (default 120 on toy2d, 900 on digits); the AGD
         teacher-trajectory collection and the evaluation are outside it.
     teacher_steps: the teacher curve's step counts (default [1,2,4,8,16,25,50]).
@@ -45,6 +45,7 @@ from typing import Any
 from stepdistill.bench.budget import PROBE_ITERATIONS, budget_steps, fit_to_budget, probe
 from stepdistill.bench.common import (
     DATASETS,
+    default_experiments,
     markdown_table,
     parse_bench_args,
     shipped_experiments,
@@ -102,7 +103,7 @@ def plan_experiments(dataset: str | None, experiments: list[str] | None) -> dict
     datasets = [dataset] if dataset else list(DATASETS)
     shipped = {d: shipped_experiments(d) for d in datasets}
     if not experiments:
-        return {d: [e for e in shipped[d] if "_" not in e.split("/", 1)[1]] for d in datasets}
+        return {d: default_experiments(d) for d in datasets}
     plan: dict[str, list[str]] = {d: [] for d in datasets}
     for name in experiments:
         if "/" in name:
