@@ -202,6 +202,12 @@ class NoiseSchedule:
             return self.from_model_time((lo + u * (hi - lo + 1)).floor().clamp(max=hi))
         return self.shift_time(t_min + u * (t_max - t_min)).clamp(1e-4, 1.0)
 
+    def max_sample_time(self, t_max: float = 1.0) -> float:
+        """The largest time :meth:`sample_time` draws with this ``t_max`` (table step or shifted)."""
+        if self.kind == "vp":
+            return float(self.from_model_time(torch.tensor(float(round(t_max * (self.num_train_timesteps - 1))))))
+        return float(self.shift_time(torch.tensor(float(t_max))).clamp(1e-4, 1.0))
+
     def to_model_time(self, t: Tensor) -> Tensor:
         """The backbone's own timestep: ``t * (N - 1)`` for VP tables, ``t * N`` for flow (float)."""
         t = torch.as_tensor(t, dtype=torch.float64)

@@ -33,10 +33,18 @@ def student_sample(generator: nn.Module, cond: Conditioning, shared: torch.Gener
         return generator(x_k, t_k, cond)
 
 
-def noised(schedule: NoiseSchedule, x: Tensor, cond: Conditioning) -> tuple[Tensor, Tensor, Conditioning]:
-    """(x_t, t, cond) at a fresh noise level over the full range (the diffusion GAN's inputs)."""
-    t = schedule.sample_time(len(x), device=x.device)
+def noised(schedule: NoiseSchedule, x: Tensor, cond: Conditioning,
+           t_max: float = 1.0) -> tuple[Tensor, Tensor, Conditioning]:
+    """(x_t, t, cond) at a fresh noise level t in [0, t_max] (the diffusion GAN's inputs)."""
+    t = schedule.sample_time(len(x), device=x.device, t_max=t_max)
     return schedule.add_noise(x, torch.randn_like(x), t), t, cond
+
+
+def checked_gan_t_max(value: float) -> float:
+    """``algorithm.gan_t_max`` (the top of the diffusion GAN's noise range) as a float in (0, 1]."""
+    if not 0.0 < float(value) <= 1.0:
+        raise StepdistillError(f"algorithm.gan_t_max must be in (0, 1], got {value}")
+    return float(value)
 
 
 class CriticGeneratorAlgorithm(Algorithm):
@@ -48,6 +56,8 @@ class CriticGeneratorAlgorithm(Algorithm):
     phases = ("critic", "generator")
     critic: nn.Module
     ratio: int
+    #: the diffusion GAN's noise levels are drawn in [0, gan_t_max] (1.0: the full range, as DMD2)
+    gan_t_max: float = 1.0
 
     def phase(self, step: int) -> str:
         return "generator" if step % (self.ratio + 1) == self.ratio else "critic"
@@ -73,7 +83,8 @@ class CriticGeneratorAlgorithm(Algorithm):
         return student_sample(self.generator, cond, self.shared_generator(step), grad=grad)
 
     def _noised(self, x: Tensor, cond: Conditioning) -> tuple[Tensor, Tensor, Conditioning]:
-        return noised(self.teacher.schedule, x, cond)
+        return noised(self.teacher.schedule, x, cond, self.gan_t_max)
+
 
     @torch.no_grad()
     def _teacher_at_noised(self, x: Tensor, cond: Conditioning, t_min: float, t_max: float,
@@ -98,15 +109,18 @@ class CriticGeneratorAlgorithm(Algorithm):
     def _denoising_and_gan_critic_loss(self, batch: Batch, step: int, gan_weight: float) -> LossOutput:
         """The critic phase of DMD2 and f-distill: the critic's denoising loss on generator samples (its
         native parameterisation), plus ``gan_weight`` x the discriminator loss, real data vs those samples,
-        each noised at its own level (DMD2 Eq. 6; off when ``gan_weight`` is 0)."""
+        each noised at its own level in [0, gan_t_max] (DMD2 Eq. 6; off when ``gan_weight`` is 0)."""
         x = self.student_sample(batch.cond, step, grad=False)
         schedule = self.teacher.schedule
         eps = torch.randn_like(x)
         t = schedule.sample_time(len(x), device=x.device)
         native = unwrap(self.critic).denoiser.prediction
         want_logits = gan_weight > 0
-        out = self.critic(schedule.add_noise(x, eps, t), t, batch.cond, out=native, logits=want_logits)
-        pred, logits_fake = out if want_logits else (out, None)
+        shared = want_logits and self.gan_t_max >= 1.0  # same t range for both terms: one forward
+        out = self.critic(schedule.add_noise(x, eps, t), t, batch.cond, out=native, logits=shared)
+        pred, logits_fake = out if shared else (out, None)
+        if want_logits and not shared:  # the denoising t spans the full range, the GAN's stops at gan_t_max
+            _, logits_fake = self.critic(*self._noised(x, batch.cond), logits=True)
         denoise = denoising_loss(pred, schedule.target(x, eps, t, native)).mean()
         logs: dict[str, float | Tensor] = {"critic_denoising_loss": denoise.detach()}
         if not want_logits:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from stepdistill.algorithms.base import Algorithm, Batch, LossOutput, unwrap
-from stepdistill.algorithms.common import noised
+from stepdistill.algorithms.common import checked_gan_t_max, noised
 from stepdistill.errors import StepdistillError
 from stepdistill.lora import LoraEMA, has_lora
 from stepdistill.losses import consistency_loss, gan_discriminator_loss, gan_generator_loss
@@ -49,6 +49,7 @@ class ConsistencyDistillation(Algorithm):
         loss: "huber" (pseudo-Huber, c = ``huber_c``) or "l2".
         critic: a ``Critic`` with a discriminator head for the adversarial term (None: off).
         gan_generator_weight: weight of softplus(-D(student x0)) in the generator loss.
+        gan_t_max: real and student samples reach the discriminator noised at t in [0, gan_t_max].
         seed: seed of the choices shared by all processes (none so far; kept for the interface).
     """
 
@@ -58,8 +59,10 @@ class ConsistencyDistillation(Algorithm):
                  stage_steps: list[int] | None = None, guidance_scale: float | None = None,
                  guidance_min: float | None = None, guidance_max: float | None = None,
                  target_decay: float = 0.95, loss: str = "huber", huber_c: float = 1e-3,
-                 critic: Critic | None = None, gan_generator_weight: float = 0.1, seed: int = 0) -> None:
+                 critic: Critic | None = None, gan_generator_weight: float = 0.1, gan_t_max: float = 1.0,
+                 seed: int = 0) -> None:
         super().__init__(teacher, generator, seed)
+        self.gan_t_max = checked_gan_t_max(gan_t_max)
         if critic is not None and critic.head is None:
             raise StepdistillError("the adversarial term needs a discriminator head: set critic.head=true")
         self.critic = critic
@@ -135,7 +138,7 @@ class ConsistencyDistillation(Algorithm):
         logs: dict[str, float | Tensor] = {"consistency_loss": per_sample.mean().detach()}
         loss = per_sample.mean()
         if self.critic is not None:
-            _, logits = self.critic(*noised(self.teacher.schedule, pred, batch.cond), logits=True)
+            _, logits = self.critic(*noised(self.teacher.schedule, pred, batch.cond, self.gan_t_max), logits=True)
             gan = gan_generator_loss(logits).mean()
             logs["gan_generator_loss"] = gan.detach()
             loss = loss + self.gan_generator_weight * gan
@@ -143,8 +146,8 @@ class ConsistencyDistillation(Algorithm):
 
     def _discriminator_loss(self, real: Tensor, fake: Tensor, cond) -> LossOutput:
         """DMD2 Eq. 6 on the critic's head: real samples vs the student's x0, each freshly noised."""
-        _, logits_real = self.critic(*noised(self.teacher.schedule, real, cond), logits=True)
-        _, logits_fake = self.critic(*noised(self.teacher.schedule, fake, cond), logits=True)
+        _, logits_real = self.critic(*noised(self.teacher.schedule, real, cond, self.gan_t_max), logits=True)
+        _, logits_fake = self.critic(*noised(self.teacher.schedule, fake, cond, self.gan_t_max), logits=True)
         gan = gan_discriminator_loss(logits_real, logits_fake).mean()
         return LossOutput(gan, {"gan_critic_loss": gan.detach(), "logit_real": logits_real.mean().detach(),
                                 "logit_fake": logits_fake.mean().detach()})

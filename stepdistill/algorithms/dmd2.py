@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from stepdistill.algorithms.base import Batch, LossOutput
-from stepdistill.algorithms.common import CriticGeneratorAlgorithm
+from stepdistill.algorithms.common import CriticGeneratorAlgorithm, checked_gan_t_max
 from stepdistill.errors import StepdistillError
 from stepdistill.guidance import parse_scale
 from stepdistill.losses import (
@@ -36,15 +36,18 @@ class DMD2(CriticGeneratorAlgorithm):
         t_min, t_max: range of the noise level for the distribution-matching loss (0.02, 0.98).
         gan_generator_weight: weight of softplus(-D(fake)) in the generator loss (0 = off).
         gan_critic_weight: weight of the discriminator loss in the critic phase (0 = off).
+        gan_t_max: the GAN terms noise real and generated samples at t in [0, gan_t_max] (1 = the
+            paper's full range; lower keeps the discriminator where the two can still be told apart).
         seed: seed of the choices shared by all processes (backward-simulation k).
     """
 
     def __init__(self, teacher: Teacher, generator: Generator, critic: Critic, *,
                  guidance_scale: float | list[float] | None = None, critic_updates_per_generator_update: int = 5,
                  t_min: float = 0.02, t_max: float = 0.98, gan_generator_weight: float = 0.0,
-                 gan_critic_weight: float = 0.0, seed: int = 0) -> None:
+                 gan_critic_weight: float = 0.0, gan_t_max: float = 1.0, seed: int = 0) -> None:
         super().__init__(teacher, generator, seed)
         self.critic = critic
+        self.gan_t_max = checked_gan_t_max(gan_t_max)
         self.guidance_scale = teacher.guidance_scale if guidance_scale is None else \
             parse_scale(guidance_scale, "algorithm.guidance_scale")  # a range: random-scale CFG
         self.ratio = int(critic_updates_per_generator_update)

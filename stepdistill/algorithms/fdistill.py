@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from stepdistill.algorithms.base import Batch, LossOutput, unwrap
-from stepdistill.algorithms.common import CriticGeneratorAlgorithm
+from stepdistill.algorithms.common import CriticGeneratorAlgorithm, checked_gan_t_max
 from stepdistill.errors import StepdistillError
 from stepdistill.guidance import parse_scale
 from stepdistill.losses import (
@@ -133,6 +133,8 @@ class FDistill(CriticGeneratorAlgorithm):
         t_min, t_max: range of the noise level for the distribution-matching loss (0.02, 0.98).
         gan_generator_weight: weight of softplus(-D(fake)) in the generator loss (0 = off).
         gan_critic_weight: weight of the discriminator loss in the critic phase (> 0: it trains r).
+        gan_t_max: the discriminator sees noise levels in [0, gan_t_max] (1 = full range); above it
+            r is taken as 1 (h(1) for every sample: no density-ratio information there).
         logit_clamp: discriminator logits are clamped to [-logit_clamp, logit_clamp] before exp.
         ratio_min, ratio_max: r is clamped to [ratio_min, ratio_max].
         ratio_bins: time bins of the running-mean normaliser of r.
@@ -145,9 +147,10 @@ class FDistill(CriticGeneratorAlgorithm):
                  t_min: float = 0.02, t_max: float = 0.98, gan_generator_weight: float = 1e-3,
                  gan_critic_weight: float = 1e-2, logit_clamp: float = 10.0, ratio_min: float = 0.1,
                  ratio_max: float = 20.0, ratio_bins: int = 10, ratio_momentum: float = 0.9,
-                 seed: int = 0) -> None:
+                 gan_t_max: float = 1.0, seed: int = 0) -> None:
         super().__init__(teacher, generator, seed)
         self.critic = critic
+        self.gan_t_max = checked_gan_t_max(gan_t_max)
         self.divergence = str(divergence)
         self.guidance_scale = teacher.guidance_scale if guidance_scale is None else \
             parse_scale(guidance_scale, "algorithm.guidance_scale")  # a range: random-scale CFG
@@ -180,6 +183,8 @@ class FDistill(CriticGeneratorAlgorithm):
         t, x_t, x0_real = self._teacher_at_noised(x, batch.cond, self.t_min, self.t_max, self.guidance_scale)
         with torch.no_grad():
             x0_fake, logits = self.critic(x_t, t, batch.cond, logits=True)  # r at the DM term's (x_t, t)
+            beyond = t.to(logits.device) > self.teacher.schedule.max_sample_time(self.gan_t_max) + 1e-9
+            logits = logits.masked_fill(beyond, 0.0)  # outside the discriminator's range: r = 1
         weight, logs = self.ratio_weight(logits, t)
         dm = distribution_matching_loss(x, x0_real, x0_fake, weight).mean()
         logs["dm_loss"] = dm.detach()

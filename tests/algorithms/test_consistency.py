@@ -215,6 +215,24 @@ def test_adversarial_term_reuses_the_dmd2_discriminator():
         ConsistencyDistillation(teacher, generator, critic=type(critic)(teacher.denoiser, head=False))
 
 
+def test_adversarial_noise_levels_stay_below_gan_t_max():
+    """gan_t_max=0.25: the discriminator's real and student inputs are noised at table steps <= 250."""
+    teacher, generator = lcm_parts(solver_steps=8)
+    critic = tiny_parts()[2]
+    algo = ConsistencyDistillation(teacher, generator, segments=[2, 1], stage_steps=[4], critic=critic,
+                                   gan_t_max=0.25)
+    seen = []
+    critic.register_forward_hook(lambda _m, args, kwargs, _out: seen.append(args[1]) if kwargs.get("logits") else None,
+                                 with_kwargs=True)
+    torch.manual_seed(0)
+    for step in range(6):
+        algo.loss(algo.phase(step), labelled_batch(), step)
+    assert len(seen) == 3 * 2 + 3  # two discriminator calls per critic phase, one per generator phase
+    assert float(torch.cat(seen).max()) <= 250 / 999 + 1e-12
+    with pytest.raises(StepdistillError, match="gan_t_max must be in"):
+        ConsistencyDistillation(teacher, generator, critic=critic, gan_t_max=0.0)
+
+
 @pytest.mark.parametrize("experiment,segments,sampler", [
     ("toy2d/lcm", [1], "renoise"), ("toy2d/mcd", [4], "ode"), ("digits/lcm", [1], "renoise"),
     ("digits/mcd", [8], "ode"), ("digits/tscd", [8, 4, 2, 1], "renoise"),

@@ -81,3 +81,32 @@ def test_gan_weights_need_a_head(parts):
     teacher, generator, _ = parts
     with pytest.raises(StepdistillError, match="critic.head=true"):
         DMD2(teacher, generator, Critic(teacher.denoiser), gan_generator_weight=1e-3)
+
+
+def test_gan_noise_levels_stay_below_gan_t_max(parts):
+    """gan_t_max=0.3: every discriminator input (real and generated, in both phases) is noised at a
+    table step <= 300 of 999, while the critic's denoising loss keeps the full range."""
+    teacher, generator, critic = parts
+    algo = DMD2(teacher, generator, critic, gan_generator_weight=1e-3, gan_critic_weight=1e-2, gan_t_max=0.3)
+    limit = teacher.schedule.max_sample_time(0.3)
+    assert limit == pytest.approx(300 / 999)
+    gan_t, other_t = [], []
+
+    def spy(_module, args, kwargs, _out):
+        (gan_t if kwargs.get("logits") else other_t).append(args[1])
+
+    hook = critic.register_forward_hook(spy, with_kwargs=True)
+    torch.manual_seed(0)
+    for step in range(4):
+        for phase in ("critic", "generator"):
+            algo.loss(phase, labelled_batch(), step)
+    hook.remove()
+    assert len(gan_t) == 4 * 3  # real + generated per critic phase, generated per generator phase
+    assert float(torch.cat(gan_t).max()) <= limit + 1e-12
+    assert float(torch.cat(other_t).max()) > 0.5  # the denoising and DM terms still reach high noise
+
+
+def test_gan_t_max_must_be_a_fraction_of_the_range(parts):
+    for bad in (0.0, 1.5):
+        with pytest.raises(StepdistillError, match="gan_t_max"):
+            DMD2(*parts, gan_generator_weight=1e-3, gan_critic_weight=1e-2, gan_t_max=bad)

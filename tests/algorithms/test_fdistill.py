@@ -214,3 +214,26 @@ def test_configuration_errors_are_clear(parts):
         FDistill(teacher, generator, critic, gan_critic_weight=0.0)
     with pytest.raises(StepdistillError, match="needs real data"):
         FDistill(teacher, generator, critic).loss("critic", Batch(labelled_batch().cond), step=0)
+
+
+def test_ratio_is_one_beyond_the_discriminators_noise_range(parts):
+    """gan_t_max=0.3: the discriminator only ever sees t <= 300/999, so at the DM term's noise levels
+    above that r is read as 1 (logit 0); below it the head's own logit is used."""
+    teacher, generator, critic = parts
+    algo = FDistill(teacher, generator, critic, divergence="forward_kl", gan_generator_weight=0.0, gan_t_max=0.3)
+    limit = teacher.schedule.max_sample_time(0.3)
+    raw, used = [], []
+    critic.register_forward_hook(lambda _m, a, kw, out: raw.append((a[1], out[1])) if kw.get("logits") else None,
+                                 with_kwargs=True)
+    original = algo.ratio_weight
+    algo.ratio_weight = lambda logits, t: (used.append(logits), original(logits, t))[1]
+    torch.manual_seed(0)
+    for step in range(6):
+        algo.loss("generator", labelled_batch(), step)
+    t = torch.cat([t for t, _ in raw])
+    head, seen = torch.cat([logits for _, logits in raw]), torch.cat(used)
+    beyond = t > limit + 1e-9
+    assert beyond.any() and (~beyond).any()
+    assert (seen[beyond] == 0).all()
+    torch.testing.assert_close(seen[~beyond], head[~beyond])
+    assert (head[~beyond] != 0).all()
