@@ -20,6 +20,7 @@ from stepdistill.data.digits import load_digits_tensors
 from stepdistill.eval.fid import digits_fid
 from stepdistill.eval.fid_scale import copy_fid, fresh_sample_fid, nearest_distances
 from stepdistill.eval.run_eval import generate, student_samples, teacher_sampler
+from stepdistill.pipelines.few_step import load_run
 
 
 def _spread(values: list[float]) -> dict:
@@ -48,8 +49,6 @@ def main() -> None:
         "teacher_50_steps": round(float(nearest_distances(first, images).median()), 4),
         "real_digit_leave_one_out": round(float(nearest_distances(images, images, exclude_self=True).median()), 4)}
     for run in args.runs:
-        from stepdistill.pipelines.few_step import load_run
-
         generator = load_run(run).generator.eval()
         steps = args.steps or generator.steps
         result[f"{run} ({steps} steps)"] = _spread([digits_fid(student_samples(generator, eval_labels, task.null_class,

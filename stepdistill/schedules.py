@@ -197,16 +197,19 @@ class NoiseSchedule:
         """Training times [n] in [t_min, t_max]: integer table steps for VP, shifted uniform for flow."""
         u = torch.rand(n, generator=generator, dtype=torch.float64).to(device)
         if self.kind == "vp":
-            lo = round(t_min * (self.num_train_timesteps - 1))
-            hi = round(t_max * (self.num_train_timesteps - 1))
+            lo, hi = self._table_step(t_min), self._table_step(t_max)
             return self.from_model_time((lo + u * (hi - lo + 1)).floor().clamp(max=hi))
         return self.shift_time(t_min + u * (t_max - t_min)).clamp(1e-4, 1.0)
 
     def max_sample_time(self, t_max: float = 1.0) -> float:
         """The largest time :meth:`sample_time` draws with this ``t_max`` (table step or shifted)."""
         if self.kind == "vp":
-            return float(self.from_model_time(torch.tensor(float(round(t_max * (self.num_train_timesteps - 1))))))
+            return float(self.from_model_time(torch.tensor(float(self._table_step(t_max)))))
         return float(self.shift_time(torch.tensor(float(t_max))).clamp(1e-4, 1.0))
+
+    def _table_step(self, t: float) -> int:
+        """The VP table step that training time ``t`` in [0, 1] rounds to."""
+        return round(t * (self.num_train_timesteps - 1))
 
     def to_model_time(self, t: Tensor) -> Tensor:
         """The backbone's own timestep: ``t * (N - 1)`` for VP tables, ``t * N`` for flow (float)."""

@@ -85,7 +85,6 @@ class CriticGeneratorAlgorithm(Algorithm):
     def _noised(self, x: Tensor, cond: Conditioning) -> tuple[Tensor, Tensor, Conditioning]:
         return noised(self.teacher.schedule, x, cond, self.gan_t_max)
 
-
     @torch.no_grad()
     def _teacher_at_noised(self, x: Tensor, cond: Conditioning, t_min: float, t_max: float,
                            guidance_scale: float | tuple[float, float]) -> tuple[Tensor, Tensor, Tensor]:

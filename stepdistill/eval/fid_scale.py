@@ -37,8 +37,7 @@ def stratified_disjoint(labels: Tensor, n_per_side: int, seed: int) -> tuple[Ten
         raise ValueError(f"n_per_side must be in 1..{len(labels) // 2}, got {n_per_side}")
     g = torch.Generator().manual_seed(seed)
     first, second = [], []
-    for c in labels.unique():
-        members = (labels == c).nonzero().flatten()
+    for members in _by_class(labels):
         members = members[torch.randperm(len(members), generator=g)]
         k = int(round(len(members) * n_per_side / len(labels)))
         first.append(members[:k])
@@ -49,11 +48,13 @@ def stratified_disjoint(labels: Tensor, n_per_side: int, seed: int) -> tuple[Ten
 def stratified_bootstrap(labels: Tensor, seed: int) -> Tensor:
     """Indices drawn with replacement inside each class, keeping every class's count."""
     g = torch.Generator().manual_seed(seed)
-    picks = []
-    for c in labels.unique():
-        members = (labels == c).nonzero().flatten()
-        picks.append(members[torch.randint(len(members), (len(members),), generator=g)])
-    return torch.cat(picks)
+    return torch.cat([members[torch.randint(len(members), (len(members),), generator=g)]
+                      for members in _by_class(labels)])
+
+
+def _by_class(labels: Tensor) -> list[Tensor]:
+    """The indices of each class, in class order."""
+    return [(labels == c).nonzero().flatten() for c in labels.unique()]
 
 
 def fresh_sample_fid(images: Tensor, labels: Tensor, sizes=(300, 450, 600, 898), seeds=range(6)) -> dict:
