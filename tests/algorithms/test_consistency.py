@@ -245,4 +245,4 @@ def test_shipped_consistency_experiments_build(experiment, segments, sampler):
     algo = build_algorithm(compose("train", [f"experiment={experiment}"]), seed=0)
     assert algo.segments == segments and algo.generator.sampler == sampler
     if len(segments) > 1:
-        assert [algo.stage(s) for s in (0, 749, 750, 2249, 2250, 2999)] == [0, 0, 1, 2, 3, 3]
+        assert [algo.stage(s) for s in (0, 399, 400, 1199, 1200, 2999)] == [0, 0, 1, 2, 3, 3]

@@ -71,8 +71,8 @@ def test_fit_to_budget_scales_tscd_stages():
     from stepdistill.commands.train import compose_train
 
     cfg = compose_train(["experiment=digits/tscd", "output_dir=unused"])
-    changed = fit_to_budget(cfg, 300)  # configured: 3,000 iterations, stages of 750
-    assert cfg.trainer.max_steps == 300 and list(cfg.algorithm.stage_steps) == [75, 75, 75]
+    changed = fit_to_budget(cfg, 300)  # configured: 3,000 iterations, stages of 400
+    assert cfg.trainer.max_steps == 300 and list(cfg.algorithm.stage_steps) == [40, 40, 40]
     assert cfg.trainer.checkpoint_every == 0 and cfg.trainer.sample_every == 0
     assert changed["trainer.max_steps"] == (3000, 300)
     assert scale_stages([750, 750, 750], 3000, 2) == [0, 1, 0]
