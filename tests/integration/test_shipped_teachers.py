@@ -40,15 +40,16 @@ def test_toy2d_teacher_100_steps_matches_the_mixture(toy):
 
 
 def test_imbalanced_toy2d_teacher_covers_the_light_modes():
-    """The mode-coverage study's teacher (configs/data/toy2d_imbalanced.yaml: weights 10 and 1, 2 classes)."""
-    mixture = ToyMixture(weights=[10, 10, 1, 1, 10, 10, 1, 1], classes=2)
+    """The mode-coverage study's teacher (configs/data/toy2d_imbalanced.yaml: radius 3, five heavy modes
+    of weight 10 then three light ones of weight 1, unconditional)."""
+    mixture = ToyMixture(radius=3.0, weights=[10, 10, 10, 10, 10, 1, 1, 1], classes=1)
     task = Toy2DTask(mixture, num_eval=4000)
     teacher = Teacher(load_denoiser(ASSETS_DIR / "teachers" / "toy2d_imbalanced"))
     labels = task.eval_labels()
     m100 = task.metrics(_samples(teacher, task, labels, 100), labels)
-    # measured (`stepdistill teacher eval dataset=toy2d_imbalanced`): swd 0.148 vs reference 0.085,
-    # coverage 1.0, class accuracy 99.98%
-    assert m100["mode_coverage"] == 1.0 and m100["class_accuracy"] >= 0.99, m100
+    # measured (`stepdistill teacher eval dataset=toy2d_imbalanced`): swd 0.211 vs reference 0.157,
+    # coverage 1.0; the light modes get 97 / 78 / 56 of 4,000 samples (75.5 expected each)
+    assert m100["mode_coverage"] == 1.0, m100
     assert m100["swd"] <= 2.2 * task.reference(labels)["swd"], m100
 
 
