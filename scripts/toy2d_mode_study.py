@@ -2,8 +2,9 @@
 
 Distils the shipped ``toy2d_imbalanced`` teacher (8 modes on a circle of radius 3: five heavy ones of
 weight 10, then three light ones of weight 1; unconditional) into a 1-step generator with each of the
-seven f-divergences (``experiment=toy2d_imbalanced/fdistill``) and with SiD (``toy2d_imbalanced/sid``), over several seeds, and writes a table of mode coverage, swd and
-class accuracy (means over seeds) with the teacher's 100-step row:
+seven f-divergences (``experiment=toy2d_imbalanced/fdistill``) and with SiD (``toy2d_imbalanced/sid``),
+over several seeds, and writes a table of mode coverage, swd and class accuracy (means over seeds) with
+the teacher's 100-step row:
 
     python scripts/toy2d_mode_study.py --out runs/mode_study [--seeds 0 1 2] [--steps 3000] [--methods js reverse_kl] [--set key=value ...]
 

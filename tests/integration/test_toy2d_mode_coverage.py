@@ -8,7 +8,7 @@ modes as reverse KL (= DMD2 with its GAN terms) and reach a swd no higher, on th
 reverse KL must actually drop modes (or the comparison would show nothing).
 
 Measured with exactly this test's settings (one thread): mode coverage / swd per seed 0, 1, 2
-  reverse KL  0.25 / 0.664, 0.125 / 0.482, 0.25 / 0.670  (means 0.21 / 0.605)
+  reverse KL  0.25 / 0.664, 0.125 / 0.481, 0.25 / 0.670  (means 0.21 / 0.605)
   forward KL  0.625 / 0.320, 0.75 / 0.317, 0.625 / 0.327  (means 0.67 / 0.322)
   JS          0.625 / 0.329, 0.75 / 0.334, 0.625 / 0.329  (means 0.67 / 0.331)
 At 1,500 iterations (scripts/toy2d_mode_study.py, README) the picture is the same: coverage 0.67 / 0.92
