@@ -49,7 +49,7 @@ def test_imbalanced_toy2d_teacher_covers_the_light_modes():
     m100 = task.metrics(_samples(teacher, task, labels, 100), labels)
     # measured (`stepdistill teacher eval dataset=toy2d_imbalanced`): swd 0.211 vs reference 0.157,
     # coverage 1.0; the light modes get 97 / 78 / 56 of 4,000 samples (75.5 expected each)
-    assert m100["mode_coverage"] == 1.0, m100
+    assert m100["mode_coverage"] == 1.0 and m100["class_accuracy"] >= 0.99, m100
     assert m100["swd"] <= 2.2 * task.reference(labels)["swd"], m100
 
 

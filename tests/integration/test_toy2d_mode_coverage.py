@@ -15,35 +15,21 @@ At 1,500 iterations (scripts/toy2d_mode_study.py, README) the picture is the sam
 / 0.92 and swd 0.289 / 0.207 / 0.205 (reverse KL / forward KL / JS).
 """
 
-import json
 from statistics import mean
-
-import pytest
-
-from stepdistill.cli import main
 
 SEEDS = (0, 1, 2)
 STEPS = 800
 DIVERGENCES = ("reverse_kl", "forward_kl", "js")
 
 
-@pytest.fixture()
-def student_metrics(tmp_path, monkeypatch):
-    monkeypatch.setenv("STEPDISTILL_CACHE", str(tmp_path / "cache"))  # the teacher's row: computed once
+def test_forward_kl_and_js_cover_the_light_modes_that_reverse_kl_drops(train_toy2d, one_thread):
+    def student(divergence: str, seed: int) -> dict:
+        _, metrics = train_toy2d("toy2d_imbalanced/fdistill", f"algorithm.divergence={divergence}",
+                                 f"trainer.seed={seed}", f"trainer.max_steps={STEPS}", "trainer.checkpoint_every=0",
+                                 "trainer.sample_every=0", name=f"{divergence}_{seed}")
+        return metrics["student"]["metrics"]
 
-    def run(divergence: str, seed: int) -> dict:
-        out = tmp_path / f"{divergence}_{seed}"
-        assert main(["train", "experiment=toy2d_imbalanced/fdistill", f"output_dir={out}",
-                     f"algorithm.divergence={divergence}", f"trainer.seed={seed}", f"trainer.max_steps={STEPS}",
-                     "trainer.progress=false", "trainer.checkpoint_every=0", "trainer.sample_every=0",
-                     "evaluate.teacher_steps=100"]) == 0
-        return json.loads((out / "metrics.json").read_text())["student"]["metrics"]
-
-    return run
-
-
-def test_forward_kl_and_js_cover_the_light_modes_that_reverse_kl_drops(student_metrics, one_thread):
-    runs = {d: [student_metrics(d, seed) for seed in SEEDS] for d in DIVERGENCES}
+    runs = {d: [student(d, seed) for seed in SEEDS] for d in DIVERGENCES}
     coverage = {d: mean(m["mode_coverage"] for m in runs[d]) for d in DIVERGENCES}
     swd = {d: mean(m["swd"] for m in runs[d]) for d in DIVERGENCES}
     assert coverage["reverse_kl"] < 1.0, coverage  # reverse KL drops modes here
