@@ -29,6 +29,7 @@ from stepdistill.lora import LoraEMA, has_lora
 from stepdistill.losses import consistency_loss, gan_discriminator_loss, gan_generator_loss
 from stepdistill.roles import ConsistencyGenerator, Critic, Teacher
 from stepdistill.sampling import ddim_invert, ddim_jump
+from stepdistill.schedules import NoiseSchedule
 from stepdistill.training.ema import EMA
 
 
@@ -47,6 +48,9 @@ class ConsistencyDistillation(Algorithm):
         target_decay: EMA decay of the target network (LCM: 0.95); 0 uses the online student
             without grad (no extra copy). A LoRA student's target is an EMA of its adapters only.
         loss: "huber" (pseudo-Huber, c = ``huber_c``) or "l2".
+        weighting: per-sample loss weight over the solver grid: "uniform" (LCM, CM) or "ict" (iCT's
+            1 / (sigma(t_n) - sigma(t_{n-1})), sigma = the schedule's sigma / alpha, normalised to mean 1
+            over the grid: more weight on the low-noise steps; ``consistency_weights``).
         critic: a ``Critic`` with a discriminator head for the adversarial term (None: off).
         gan_generator_weight: weight of softplus(-D(student x0)) in the generator loss.
         gan_t_max: real and student samples reach the discriminator noised at t in [0, gan_t_max].
@@ -59,8 +63,8 @@ class ConsistencyDistillation(Algorithm):
                  stage_steps: list[int] | None = None, guidance_scale: float | None = None,
                  guidance_min: float | None = None, guidance_max: float | None = None,
                  target_decay: float = 0.95, loss: str = "huber", huber_c: float = 1e-3,
-                 critic: Critic | None = None, gan_generator_weight: float = 0.1, gan_t_max: float = 1.0,
-                 seed: int = 0) -> None:
+                 weighting: str = "uniform", critic: Critic | None = None, gan_generator_weight: float = 0.1,
+                 gan_t_max: float = 1.0, seed: int = 0) -> None:
         super().__init__(teacher, generator, seed)
         self.gan_t_max = checked_gan_t_max(gan_t_max)
         if critic is not None and critic.head is None:
@@ -83,6 +87,9 @@ class ConsistencyDistillation(Algorithm):
         if loss not in ("huber", "l2"):
             raise StepdistillError(f"algorithm.loss must be 'huber' or 'l2', got {loss!r}")
         self.loss_kind, self.huber_c = loss, float(huber_c)
+        if weighting not in ("uniform", "ict"):
+            raise StepdistillError(f"algorithm.weighting must be 'uniform' or 'ict', got {weighting!r}")
+        self.weighting = weighting
         self.target_decay = float(target_decay)
         self.target = _target_network(unwrap(generator)) if self.target_decay > 0 else None
 
@@ -135,6 +142,8 @@ class ConsistencyDistillation(Algorithm):
             target = self._target_x0(x_t, t, t_prev, t_edge, batch, cond, scale)
         pred = self.generator(x_t, t, cond)
         per_sample = consistency_loss(pred, target, self.loss_kind, self.huber_c)
+        if self.weighting == "ict":
+            per_sample = per_sample * consistency_weights(schedule, gen.solver_grid(), t, t_prev).to(per_sample)
         logs: dict[str, float | Tensor] = {"consistency_loss": per_sample.mean().detach()}
         loss = per_sample.mean()
         if self.critic is not None:
@@ -180,6 +189,20 @@ class ConsistencyDistillation(Algorithm):
         on_edge = (t_prev <= t_edge).reshape(-1, *([1] * (x_t.dim() - 1)))
         x_edge = torch.where(on_edge, x_prev, ddim_jump(schedule, x_prev, x0_prev, t_prev, t_edge))
         return ddim_invert(schedule, x_edge, x_t, t, t_edge)
+
+
+def consistency_weights(schedule: NoiseSchedule, grid: Tensor, t: Tensor, t_prev: Tensor) -> Tensor:
+    """iCT's loss weights (Song & Dhariwal 2023, Sec. 3.4: lambda(sigma_i) = 1 / (sigma_{i+1} - sigma_i))
+    per sample [B] for the step t_n -> t_{n-1}, with sigma(t) = sigma_t / alpha_t (EDM's noise level of the
+    VP or flow state) and the weights normalised to mean 1 over the M steps of the descending ``grid``, so
+    the loss keeps LCM's scale while its low-noise steps count more (x0-space errors shrink with t). A step
+    from sigma = infinity (a flow grid's t = 1, weight 0 by the formula) gets the grid's smallest weight."""
+    def lam(a: Tensor, b: Tensor) -> Tensor:
+        return 1.0 / (schedule.sigma(a) / schedule.alpha(a) - schedule.sigma(b) / schedule.alpha(b))
+
+    on_grid = lam(grid[:-1].to(torch.float64), grid[1:].to(torch.float64))
+    floor = on_grid[on_grid > 0].min()
+    return lam(t, t_prev).clamp_min(floor) / on_grid.clamp_min(floor).mean()
 
 
 def _target_network(generator: ConsistencyGenerator) -> nn.Module:

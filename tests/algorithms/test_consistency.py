@@ -9,7 +9,7 @@ import torch
 from algo_helpers import NULL, labelled_batch, tiny_parts
 from diffusers import LCMScheduler
 
-from stepdistill.algorithms.consistency import ConsistencyDistillation
+from stepdistill.algorithms.consistency import ConsistencyDistillation, consistency_weights
 from stepdistill.conditioning import Conditioning
 from stepdistill.errors import StepdistillError
 from stepdistill.roles import ConsistencyGenerator
@@ -136,6 +136,38 @@ def test_only_the_student_trains(loss):
     assert all(p.grad is None for p in teacher.parameters())
     assert all(not p.requires_grad and p.grad is None for p in algo.target.model.parameters())
     assert algo.trainable("generator") == [generator] and algo.phase(5) == "generator"
+
+
+def test_ict_weights_follow_the_formula_and_favour_low_noise():
+    schedule = NoiseSchedule.vp("linear", 1000, 1e-4, 0.02)
+    grid = schedule.timesteps(50, 0.7)
+    weights = consistency_weights(schedule, grid, grid[:-1], grid[1:])
+    lam = [1 / (float(schedule.sigma(a) / schedule.alpha(a)) - float(schedule.sigma(b) / schedule.alpha(b)))
+           for a, b in zip(grid[:-1], grid[1:], strict=True)]
+    torch.testing.assert_close(weights, torch.tensor(lam, dtype=torch.float64) / (sum(lam) / 50))
+    assert weights[-1] > 20 * weights[0] and abs(float(weights.mean()) - 1.0) < 1e-12
+    flow_grid = NoiseSchedule.flow(3.0).timesteps(50)  # t = 1 is sigma = inf: the smallest weight, not 0
+    flow = consistency_weights(NoiseSchedule.flow(3.0), flow_grid, flow_grid[:-1], flow_grid[1:])
+    assert torch.isfinite(flow).all() and abs(float(flow.mean()) - 1.0) < 1e-12
+    assert flow[0] == flow[1:].min() > 0 and flow[-1] > flow[1]
+
+
+def test_ict_weighting_scales_each_samples_loss(monkeypatch):
+    import stepdistill.algorithms.consistency as module
+
+    teacher, generator = lcm_parts()
+    algo = ConsistencyDistillation(teacher, generator, weighting="ict", target_decay=0.0)
+    seen = {}
+    times, distance = algo._times, module.consistency_loss
+    monkeypatch.setattr(algo, "_times", lambda *a: seen.setdefault("times", times(*a)))
+    monkeypatch.setattr(module, "consistency_loss", lambda *a: seen.setdefault("per_sample", distance(*a)))
+    loss = algo.loss("generator", labelled_batch(), step=0).loss
+    t, t_prev, _ = seen["times"]
+    expected = (seen["per_sample"] * consistency_weights(teacher.schedule, generator.solver_grid(), t, t_prev)).mean()
+    torch.testing.assert_close(loss, expected.float())
+    assert len(set(t.tolist())) > 1 and not torch.allclose(loss, seen["per_sample"].mean())
+    with pytest.raises(StepdistillError, match="weighting must be 'uniform' or 'ict'"):
+        ConsistencyDistillation(teacher, generator, weighting="edm")
 
 
 def test_after_step_moves_the_target_by_ema_and_restarts_it_each_stage():
