@@ -197,12 +197,13 @@ def consistency_weights(schedule: NoiseSchedule, grid: Tensor, t: Tensor, t_prev
     VP or flow state) and the weights normalised to mean 1 over the M steps of the descending ``grid``, so
     the loss keeps LCM's scale while its low-noise steps count more (x0-space errors shrink with t). A step
     from sigma = infinity (a flow grid's t = 1, weight 0 by the formula) gets the grid's smallest weight."""
-    def lam(a: Tensor, b: Tensor) -> Tensor:
-        return 1.0 / (schedule.sigma(a) / schedule.alpha(a) - schedule.sigma(b) / schedule.alpha(b))
+    def edm_sigma(time: Tensor) -> Tensor:
+        return schedule.sigma(time) / schedule.alpha(time)
 
-    on_grid = lam(grid[:-1].to(torch.float64), grid[1:].to(torch.float64))
+    levels = edm_sigma(grid)
+    on_grid = 1.0 / (levels[:-1] - levels[1:])
     floor = on_grid[on_grid > 0].min()
-    return lam(t, t_prev).clamp_min(floor) / on_grid.clamp_min(floor).mean()
+    return (1.0 / (edm_sigma(t) - edm_sigma(t_prev))).clamp_min(floor) / on_grid.clamp_min(floor).mean()
 
 
 def _target_network(generator: ConsistencyGenerator) -> nn.Module:
