@@ -109,6 +109,9 @@ def _even_grid(schedule: NoiseSchedule, start: float, stop: float, k: int) -> Te
 
 def _check_respaceable(generator: Generator) -> None:
     cls = type(generator)
+    if generator.timesteps is not None:
+        raise StepdistillError(f"hybrid sampling cannot re-space generator.timesteps={generator.timesteps} (a "
+                               "student that starts at t_max=1 with its own grid); use hybrid_teacher_steps=0")
     if cls.grid is not Generator.grid or cls.sample is not Generator.sample:
         raise StepdistillError(f"hybrid sampling cannot re-space the grid of a {cls.__name__} that starts at "
                                "t_max=1 (it has its own step grid); use hybrid_teacher_steps=0, or a student "

@@ -81,11 +81,15 @@ class Generator(nn.Module):
             teacher, which runs with them disabled: one copy of the base) instead of a full copy.
         lora_alpha: LoRA scale numerator (scale = alpha / rank; default: the rank).
         lora_target_modules: module names (suffixes) or a regex that receive adapters.
+        timesteps: the backbone timesteps of the ``steps``-step grid, descending, starting at ``t_max``'s
+            timestep (DMD2's ``denoising_step_list``; e.g. 300, 150, 100, 50); other step counts keep the
+            even grid. None: the even grid for every step count.
     """
 
     def __init__(self, denoiser: Denoiser, steps: int = 1, t_max: float = 1.0, copy: bool = True,
                  lora_rank: int | None = None, lora_alpha: float | None = None,
-                 lora_target_modules: list[str] | str | None = None) -> None:
+                 lora_target_modules: list[str] | str | None = None,
+                 timesteps: list[float] | None = None) -> None:
         super().__init__()
         if lora_rank:
             if not has_lora(denoiser.backbone):
@@ -95,6 +99,8 @@ class Generator(nn.Module):
             self.denoiser = _trainable_copy(denoiser) if copy else denoiser
         self.steps = int(steps)
         self.t_max = float(t_max)
+        self.timesteps = None if timesteps is None else check_timesteps(self.schedule, timesteps, self.steps,
+                                                                        self.t_max)
 
     @property
     def schedule(self) -> NoiseSchedule:
@@ -104,8 +110,11 @@ class Generator(nn.Module):
         return self.denoiser(x_t, t, cond, out=Prediction.X0)
 
     def grid(self, steps: int | None = None) -> Tensor:
-        """Start times of the K steps, evenly spaced from ``t_max`` (DMD2: 999, 749, 499, 249)."""
+        """Start times of the K steps: ``timesteps`` for its own K, else evenly spaced from ``t_max``
+        (DMD2: 999, 749, 499, 249)."""
         k = self.steps if steps is None else int(steps)
+        if self.timesteps is not None and k == len(self.timesteps):
+            return self.schedule.from_model_time(torch.tensor(self.timesteps, dtype=torch.float64))
         return self.schedule.timesteps(k, self.t_max)[:-1]
 
     def sample(self, noise: Tensor, cond: Conditioning, steps: int | None = None, *,
@@ -116,8 +125,9 @@ class Generator(nn.Module):
 
     def settings(self) -> dict:
         """The ``generator`` config node that rebuilds this sampler around a saved student."""
-        return {"_target_": f"{type(self).__module__}.{type(self).__qualname__}", "steps": self.steps,
-                "t_max": self.t_max}
+        settings = {"_target_": f"{type(self).__module__}.{type(self).__qualname__}", "steps": self.steps,
+                    "t_max": self.t_max}
+        return settings if self.timesteps is None else {**settings, "timesteps": list(self.timesteps)}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -311,6 +321,25 @@ class Critic(nn.Module):
     def features(self, x_t: Tensor, t: Tensor | float, cond: Conditioning,
                  modules: list[str] | None = None) -> dict[str, Tensor]:
         return self.denoiser.features(x_t, t, cond, modules)
+
+
+def check_timesteps(schedule: NoiseSchedule, timesteps: list[float], steps: int, t_max: float) -> list[float]:
+    """``generator.timesteps`` as floats, or a one-line ``ValueError``: ``steps`` descending backbone
+    timesteps above 0 (VP: integers on the table) whose first is ``t_max``'s timestep."""
+    values = [float(v) for v in timesteps]
+    start = float(schedule.to_model_time(schedule.timesteps(1, t_max)[0]))
+    problem = None
+    if len(values) != steps:
+        problem = f"has {len(values)} values for generator.steps={steps}"
+    elif any(b >= a for a, b in zip(values, values[1:], strict=False)) or values[-1] <= 0:
+        problem = "must be strictly descending and above 0"
+    elif schedule.kind == "vp" and any(v != round(v) for v in values):
+        problem = "must be integer timesteps (a VP table)"
+    elif abs(values[0] - start) > 1e-6:
+        problem = f"starts at {values[0]:g}, but generator.t_max={t_max} starts at timestep {start:g}"
+    if problem:
+        raise ValueError(f"generator.timesteps={values} {problem}: set the list (or t_max) so they agree")
+    return values
 
 
 def _trainable_copy(denoiser: Denoiser) -> Denoiser:

@@ -67,7 +67,7 @@ def parse_args(overrides: Sequence[str], keys: dict[str, str], command: str) -> 
 
 def run(overrides: Sequence[str]) -> Path:
     """Sample a run's student into PNGs and a grid; returns the output directory."""
-    from stepdistill.pipelines.export import generator_timesteps
+    from stepdistill.pipelines.export import model_timesteps
     from stepdistill.pipelines.few_step import load_run, sample_student
 
     args = parse_args(overrides, KEYS, "sample")
@@ -92,7 +92,7 @@ def run(overrides: Sequence[str]) -> Path:
         timesteps = hybrid.pop("student_timesteps")
     else:
         x0 = sample_student(generator, cond, num, steps, seed, batch_size=args.get("batch_size"))
-        hybrid, timesteps = {}, generator_timesteps(generator.schedule, steps, generator.t_max)
+        hybrid, timesteps = {}, model_timesteps(generator.schedule, generator.grid(steps))
     for name in previous:  # our files from an earlier call, only now that sampling worked
         (out / name).unlink(missing_ok=True)
     files = _write(out, x0, student, meta, device)
@@ -108,6 +108,7 @@ def _hybrid_samples(student, cond: Conditioning, num: int, steps: int, seed: int
                     device: str) -> tuple[Tensor, dict]:
     """Hybrid samples (the run's teacher first, ``stepdistill.hybrid``) and what samples.json records."""
     from stepdistill.hybrid import check_teacher_steps, hybrid_plan, run_teacher, sample_hybrid
+    from stepdistill.pipelines.export import model_timesteps
 
     k = check_teacher_steps(args["hybrid_teacher_steps"], TEACHER_GRID_STEPS)
     plan = hybrid_plan(student.generator, k, steps=steps, teacher_grid_steps=TEACHER_GRID_STEPS)
@@ -117,18 +118,10 @@ def _hybrid_samples(student, cond: Conditioning, num: int, steps: int, seed: int
     schedule = student.generator.schedule
     record = {"hybrid_teacher_steps": k, "hybrid_teacher_grid_steps": TEACHER_GRID_STEPS,
               "teacher_guidance_scale": teacher.guidance_scale,
-              "teacher_timesteps": _model_times(schedule, plan.teacher_grid[:-1]),
-              "switch_timestep": _model_times(schedule, plan.student_grid[:1])[0],
-              "student_timesteps": _model_times(schedule, plan.student_grid)}
+              "teacher_timesteps": model_timesteps(schedule, plan.teacher_grid[:-1]),
+              "switch_timestep": model_timesteps(schedule, plan.student_grid[:1])[0],
+              "student_timesteps": model_timesteps(schedule, plan.student_grid)}
     return x0, record
-
-
-def _model_times(schedule, grid: Tensor) -> list:
-    """Backbone timesteps of continuous times: integers on a VP table, rounded floats otherwise."""
-    values = [float(v) for v in schedule.to_model_time(grid)]
-    if schedule.kind == "vp" and all(abs(v - round(v)) < 1e-6 for v in values):
-        return [int(round(v)) for v in values]
-    return [round(v, 3) for v in values]
 
 
 def _prepare(out: Path, names: list[str], overwrite: bool) -> list[str]:

@@ -73,6 +73,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from stepdistill.errors import StepdistillError
 from stepdistill.roles import Generator
 from stepdistill.schedules import NoiseSchedule, Prediction
@@ -141,10 +143,18 @@ def lcm_timesteps(num_train_timesteps: int, steps: int, original_steps: int | No
     return [(m - (i * m) // steps) * k - 1 for i in range(steps)]
 
 
-def generator_timesteps(schedule: NoiseSchedule, steps: int, t_max: float = 1.0) -> list[int] | list[float]:
-    """The backbone timesteps of a ``Generator``'s K-step grid (``Generator.grid``): integers for VP
-    tables (when the grid is on the table), floats otherwise."""
-    grid = schedule.timesteps(steps, t_max)[:-1]
+def generator_timesteps(schedule: NoiseSchedule, steps: int, t_max: float = 1.0,
+                        timesteps: list[float] | None = None) -> list[int] | list[float]:
+    """The backbone timesteps of a ``Generator``'s K-step grid (``Generator.grid``: its own
+    ``timesteps`` for their K, else evenly spaced from ``t_max``)."""
+    if timesteps is not None and len(timesteps) == steps:
+        return model_timesteps(schedule, schedule.from_model_time(torch.tensor(timesteps, dtype=torch.float64)))
+    return model_timesteps(schedule, schedule.timesteps(steps, t_max)[:-1])
+
+
+def model_timesteps(schedule: NoiseSchedule, grid: torch.Tensor) -> list[int] | list[float]:
+    """The backbone timesteps of a grid of times: integers for VP tables (when the grid is on the table),
+    floats otherwise."""
     values = [float(v) for v in schedule.to_model_time(grid)]
     if schedule.kind == "vp" and all(abs(v - round(v)) < 1e-6 for v in values):
         return [int(round(v)) for v in values]
@@ -178,6 +188,7 @@ class _Student:
     write_unet: Any  # callable(dest: Path)
     teacher_dir: Path | None = None
     consistency: dict | None = None  # a ConsistencyGenerator's timestep_scaling, solver_steps, sampler, ...
+    timesteps: list[float] | None = None  # the generator's own grid for ``steps`` (``Generator.timesteps``)
 
     @property
     def original_steps(self) -> int:
@@ -193,7 +204,7 @@ class _Student:
             solver = self.schedule.timesteps(m, self.t_max)
             times = self.schedule.to_model_time(solver[[(i * m) // steps for i in range(steps)]])
             return [int(round(float(v))) for v in times]
-        return generator_timesteps(self.schedule, steps, self.t_max)
+        return generator_timesteps(self.schedule, steps, self.t_max, self.timesteps)
 
     def scheduler(self) -> Any:
         c = self.consistency or {}
@@ -228,7 +239,8 @@ def _student_from_generator(generator: Generator) -> _Student:
     consistency = _consistency_settings(vars(generator)) if hasattr(generator, "solver_steps") else None
     return _Student(type(backbone).__name__, dict(backbone.config), generator.schedule,
                     generator.denoiser.prediction, getattr(generator.denoiser, "scheduler_config", None),
-                    generator.steps, generator.t_max, write, consistency=consistency)
+                    generator.steps, generator.t_max, write, consistency=consistency,
+                    timesteps=getattr(generator, "timesteps", None))
 
 
 def _student_from_dir(path: str | Path) -> _Student:
@@ -243,7 +255,7 @@ def _student_from_dir(path: str | Path) -> _Student:
     )
 
     root = resolve_local_dir(path, "student")
-    steps, t_max, teacher, consistency = 1, 1.0, None, None
+    steps, t_max, teacher, consistency, timesteps = 1, 1.0, None, None, None
     if (root / "config.yaml").is_file() or (root / "student").is_dir():  # a run directory
         if not (root / "student").is_dir():
             raise StepdistillError(f"run {str(root)!r} has no student/ directory (is training finished?)")
@@ -251,6 +263,7 @@ def _student_from_dir(path: str | Path) -> _Student:
         gen = config.get("generator") or {}
         steps, t_max = int(gen.get("steps", 1) or 1), float(gen.get("t_max", 1.0) or 1.0)
         consistency = _consistency_settings(dict(gen))
+        timesteps = list(gen["timesteps"]) if gen.get("timesteps") is not None else None
         teacher_path = (config.get("teacher") or {}).get("path")
         teacher = Path(str(teacher_path)) if teacher_path else None
         root = root / "student"
@@ -263,7 +276,7 @@ def _student_from_dir(path: str | Path) -> _Student:
         shutil.copytree(model_dir, dest)
 
     return _Student(unet_config.get("_class_name", "?"), unet_config, schedule, schedule.prediction,
-                    scheduler_config, steps, t_max, write, teacher, consistency)
+                    scheduler_config, steps, t_max, write, teacher, consistency, timesteps)
 
 
 # --------------------------------------------------------------------------- output directories

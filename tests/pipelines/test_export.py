@@ -37,6 +37,7 @@ RAW_RTOL = 1e-5
 PROMPTS = ["a red circle", "the big blue star on a line"]
 LABELS = [0, 1, 2, 2, 1]
 SEED = 123
+OWN_GRID = [300, 150, 100, 50]
 
 FRESH = r"""
 import json, math, sys
@@ -92,7 +93,8 @@ for name, case in spec["class"].items():
         for k in case["steps"]:
             g = torch.Generator().manual_seed(spec["seed"])
             x = torch.randn(shape, generator=g)
-            scheduler.set_timesteps(k)
+            explicit = case["timesteps"].get(str(k))  # the export notes' grid where LCM's own selection differs
+            scheduler.set_timesteps(timesteps=explicit) if explicit else scheduler.set_timesteps(k)
             out[f"{name}/{k}/timesteps"] = scheduler.timesteps.tolist()
             for t in scheduler.timesteps:
                 x = scheduler.step(unet(x, t, class_labels=labels).sample, t, x, generator=g).prev_sample
@@ -157,16 +159,24 @@ def fresh(tmp_path_factory, sd15_dir, text_student, class_student):
     _text_refs(pipe, "lora", [1, 4], refs)
     spec["lora"] = {"lora": {"dir": str(root / "lora"), "base": str(sd15_dir), "steps": [1, 4]}}
 
-    # class-conditional UNet2DModel, from pure noise (t_max = 1) and from timestep 699 (t_max = 0.7)
+    # class-conditional UNet2DModel, from pure noise (t_max = 1), from timestep 699 (t_max = 0.7), and on
+    # its own 4-step grid from timestep 300 (generator.timesteps; a run directory through the CLI)
     spec["class"] = {}
     late = Generator(class_student.denoiser, steps=STEPS, t_max=0.7, copy=False)
-    for name, student in (("class", class_student), ("class07", late)):
-        export_diffusers(student, None, root / name, STEPS)
-        pipe = FewStepPipeline.from_generator(student)
+    own = Generator(class_student.denoiser, steps=4, t_max=0.3, timesteps=OWN_GRID, copy=False)
+    own_run = make_run(root / "own_run", own, None, settings=own.settings())
+    assert main(["export", f"run={own_run}", "format=diffusers", f"out={root / 'class_own'}"]) == 0
+    for name, student in (("class", class_student), ("class07", late), ("class_own", own)):
+        if name != "class_own":
+            export_diffusers(student, None, root / name, STEPS)
+        notes = json.loads((root / name / MARKER).read_text())
+        pipe = FewStepPipeline.from_run(own_run) if name == "class_own" else FewStepPipeline.from_generator(student)
         for k in (1, 2, 4):
             refs[f"{name}/{k}/latent"] = pipe(class_labels=LABELS, num_inference_steps=k, output_type="latent",
                                               generator=torch.Generator().manual_seed(SEED)).images
-        spec["class"][name] = {"dir": str(root / name), "steps": [1, 2, 4], "t_max": student.t_max}
+        spec["class"][name] = {"dir": str(root / name), "steps": [1, 2, 4], "t_max": student.t_max,
+                               "timesteps": {str(k): notes["timesteps"][str(k)] for k in (1, 2, 4)
+                                             if k not in notes["default_timesteps_exact_for_steps"]}}
 
     torch.save(refs, root / "refs.pt")
     (root / "spec.json").write_text(json.dumps(spec))
@@ -246,7 +256,7 @@ def test_three_steps_need_the_explicit_grid(fresh):
     assert _close(results["sd15/3/timesteps/latent"], "latent") and _close(results["sd15/3/timesteps/pt"], "pt")
 
 
-@pytest.mark.parametrize("name", ["class", "class07"])
+@pytest.mark.parametrize("name", ["class", "class07", "class_own"])
 @pytest.mark.parametrize("key", ["1/rule", "1/scheduler", "2/scheduler", "4/scheduler"])
 def test_class_export_reproduces_our_samples(fresh, name, key):
     result = fresh["results"][f"{name}/{key}"]
@@ -261,6 +271,16 @@ def test_late_start_export_selects_timesteps_below_699(fresh):
     notes = json.loads((fresh["root"] / "class07" / "stepdistill_export.json").read_text())
     assert notes["original_inference_steps"] == 700 and notes["timesteps"]["1"] == [699]
     assert "abar[699]" in (fresh["root"] / "class07" / "README.md").read_text()
+
+
+def test_own_grid_export_passes_its_timesteps(fresh):
+    """generator.timesteps = 300, 150, 100, 50: the notes and README give that grid as timesteps= (LCM's
+    own 4-step selection is 999, 749, 499, 249), and diffusers' LCMScheduler on it reproduces our samples."""
+    notes = json.loads((fresh["root"] / "class_own" / MARKER).read_text())
+    assert notes["timesteps"]["4"] == OWN_GRID and 4 not in notes["default_timesteps_exact_for_steps"]
+    assert fresh["results"]["class_own/4/timesteps"] == OWN_GRID
+    assert notes["timesteps"]["2"] == [300, 149]  # other step counts: the even grid from t_max
+    assert f"timesteps={OWN_GRID}" in (fresh["root"] / "class_own" / "README.md").read_text()
 
 
 def test_export_directory_contents(fresh):

@@ -4,6 +4,7 @@ hybrid_teacher_steps=k`."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -166,6 +167,9 @@ def test_generators_with_their_own_grid_are_not_respaced(vp_denoiser):
     expected = consistency.sample(*noise_cond, generator=torch.Generator().manual_seed(1))
     got = hybrid_sample(teacher, consistency, *noise_cond, 0, generator_rng=torch.Generator().manual_seed(1))
     assert torch.equal(got, expected)
+    own = student(vp_denoiser, steps=2, timesteps=[999, 300])
+    with pytest.raises(StepdistillError, match=r"cannot re-space generator.timesteps=\[999.0, 300.0\]"):
+        hybrid_sample(teacher, own, *noise_cond, 1)
     below = student(vp_denoiser, steps=2, t_max=0.7, cls=ConsistencyGenerator, solver_steps=10)
     plan = hybrid_plan(below, 2)  # below pure noise its own grid is kept, so any generator works
     assert torch.equal(plan.student_grid, below.grid()) and plan.teacher_grid[-1] == below.grid()[0]
@@ -229,3 +233,21 @@ def test_cli_hybrid_without_a_teacher_path_is_one_line(tmp_path, capsys):
     assert main(["sample", f"run={tmp_path}", "hybrid_teacher_steps=1", f"out={tmp_path / 'o'}"]) == 2
     err = capsys.readouterr().err.strip()
     assert "has no teacher.path" in err and len(err.splitlines()) == 1, err
+
+
+def test_cli_sample_records_the_generators_own_timesteps(toy_run, tmp_path):
+    """A run whose generator has ``timesteps`` samples on them (and says so in samples.json)."""
+    from omegaconf import OmegaConf
+
+    from stepdistill.pipelines import load_run
+
+    own = Path(shutil.copytree(toy_run, tmp_path / "own_run"))
+    config = OmegaConf.load(own / "config.yaml")
+    config.generator.timesteps = [1000.0, 300.0]
+    OmegaConf.save(config, own / "config.yaml")
+    assert main(["sample", f"run={own}", "num_images=6", "seed=3", f"out={tmp_path / 'own'}"]) == 0
+    record = json.loads((tmp_path / "own" / "samples.json").read_text())
+    assert record["timesteps"] == [1000.0, 300.0]
+    cond = Conditioning.labels(torch.tensor(record["labels"]), 4)
+    expected = sample_student(load_run(own).generator, cond, 6, 2, 3)
+    np.testing.assert_allclose(np.load(tmp_path / "own" / "samples.npy"), expected.numpy(), rtol=1e-6, atol=1e-6)

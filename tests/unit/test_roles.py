@@ -100,3 +100,34 @@ def test_ode_sampler_equals_diffusers_ddim_loop(denoiser):
             x = sch.step(e, ts, x).prev_sample
         # diffusers' last step lands at alpha_bar = 1, i.e. returns its x0 prediction
     torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-4)
+
+
+def test_generator_timesteps_set_its_own_grid_and_survive_settings(denoiser):
+    """``timesteps`` (DMD2's denoising_step_list) is the K-step grid; other step counts keep the even
+    grid from t_max; the settings rebuild the same sampler."""
+    from stepdistill.pipelines.few_step import build_generator
+    from stepdistill.sampling import renoise_sample
+
+    gen = Generator(denoiser, steps=4, t_max=0.3, timesteps=[300, 150, 100, 50], copy=False)
+    assert gen.schedule.to_model_time(gen.grid()).tolist() == [300.0, 150.0, 100.0, 50.0]
+    assert gen.schedule.to_model_time(gen.grid(2)).tolist() == [300.0, 149.0]  # the even (trailing) grids
+    assert gen.schedule.to_model_time(gen.grid(3)).tolist() == [300.0, 200.0, 99.0]
+    rebuilt = build_generator(gen.settings(), denoiser)
+    assert gen.settings()["timesteps"] == [300.0, 150.0, 100.0, 50.0] and torch.equal(rebuilt.grid(), gen.grid())
+    assert "timesteps" not in Generator(denoiser, steps=4, copy=False).settings()
+    noise, (_, _, cond) = torch.randn(4, 1, 8, 8), batch()
+    by_hand = renoise_sample(lambda x, t: gen(x, t, cond), gen.schedule, noise,
+                             torch.tensor([300, 150, 100, 50], dtype=torch.float64) / 999,
+                             generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(gen.sample(noise, cond, generator=torch.Generator().manual_seed(1)), by_hand)
+
+
+@pytest.mark.parametrize("timesteps,problem", [([300, 150, 100], "has 3 values for generator.steps=4"),
+                                               ([300, 150, 150, 50], "strictly descending"),
+                                               ([300, 150, 100, 0], "above 0"),
+                                               ([300, 150.5, 100, 50], "integer timesteps"),
+                                               ([999, 150, 100, 50], "starts at 999, but generator.t_max=0.3")])
+def test_bad_generator_timesteps_are_one_line_errors(denoiser, timesteps, problem):
+    with pytest.raises(ValueError, match=problem) as err:
+        Generator(denoiser, steps=4, t_max=0.3, timesteps=timesteps, copy=False)
+    assert "\n" not in str(err.value)
