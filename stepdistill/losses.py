@@ -169,12 +169,17 @@ def sid_generator_loss(x_g: Tensor, y_real: Tensor, y_fake: Tensor, alpha: float
     return (diff * ((y_r - x) - alpha * diff)).flatten(1).sum(1) / norm
 
 
+ICT_HUBER_C = 0.00054  # iCT's c = 0.00054 sqrt(d) for d-dimensional samples
+
+
 def consistency_loss(pred: Tensor, target: Tensor, kind: str = "huber", c: float = 1e-3) -> Tensor:
     """Consistency distillation distance per sample between the student's output and the target's.
 
-    ``"huber"``: the pseudo-Huber metric ``mean_CHW sqrt((pred - target)^2 + c^2) - c`` (Song &
-    Dhariwal 2023, iCT Sec. 3.3; LCM's released training, c = 1e-3); ``"l2"``: ``mean_CHW (pred -
-    target)^2`` (CM, Song et al. 2023, Eq. 8 with d = L2^2; LCM Eq. 9). Both in x0 space.
+    ``"huber"``: the pseudo-Huber metric per element, ``mean_CHW sqrt((pred - target)^2 + c^2) - c``
+    (LCM's released training, c = 1e-3); ``"huber_ict"``: iCT's pseudo-Huber metric on each sample's
+    vector, ``sqrt(||pred - target||^2 + c^2) - c`` with c = 0.00054 sqrt(d) (Song & Dhariwal 2023,
+    iCT Sec. 3.3; ``c`` is not used), divided by sqrt(d) (the scale of a per-element RMS); ``"l2"``:
+    ``mean_CHW (pred - target)^2`` (CM, Song et al. 2023, Eq. 8 with d = L2^2; LCM Eq. 9). All in x0 space.
 
     Args:
         pred: [B, ...] the student's output (with grad).
@@ -185,9 +190,14 @@ def consistency_loss(pred: Tensor, target: Tensor, kind: str = "huber", c: float
     diff = pred.float() - target.float()
     if kind == "huber":
         return (diff.pow(2) + c * c).sqrt().sub(c).flatten(1).mean(1)
+    if kind == "huber_ict":
+        flat = diff.flatten(1)
+        dim = flat.shape[1]
+        c_ict = ICT_HUBER_C * dim ** 0.5
+        return ((flat.pow(2).sum(1) + c_ict * c_ict).sqrt() - c_ict) / dim ** 0.5
     if kind == "l2":
         return diff.pow(2).flatten(1).mean(1)
-    raise ValueError(f"unknown consistency loss {kind!r}; expected 'huber' or 'l2'")
+    raise ValueError(f"unknown consistency loss {kind!r}; expected 'huber', 'huber_ict' or 'l2'")
 
 
 def guidance_distillation_loss(pred: Tensor, cfg_target: Tensor) -> Tensor:

@@ -47,7 +47,8 @@ class ConsistencyDistillation(Algorithm):
             s = w + 1 in [3, 15]); a range needs a guidance-embedded student.
         target_decay: EMA decay of the target network (LCM: 0.95); 0 uses the online student
             without grad (no extra copy). A LoRA student's target is an EMA of its adapters only.
-        loss: "huber" (pseudo-Huber, c = ``huber_c``) or "l2".
+        loss: "huber" (LCM's pseudo-Huber per element, c = ``huber_c``), "huber_ict" (iCT's pseudo-Huber
+            on each sample's vector, c = 0.00054 sqrt(d)) or "l2"; ``stepdistill.losses.consistency_loss``.
         weighting: per-sample loss weight over the solver grid: "uniform" (LCM, CM) or "ict" (iCT's
             1 / (sigma(t_n) - sigma(t_{n-1})), sigma = the schedule's sigma / alpha, normalised to mean 1
             over the grid: more weight on the low-noise steps; ``consistency_weights``).
@@ -84,8 +85,8 @@ class ConsistencyDistillation(Algorithm):
         if self.guidance_range[0] != self.guidance_range[1] and not unwrap(generator).guided:
             raise StepdistillError("a guidance range (algorithm.guidance_min < guidance_max) needs a student that "
                                    "takes the scale: set generator.guidance_embedding_dim (e.g. 256)")
-        if loss not in ("huber", "l2"):
-            raise StepdistillError(f"algorithm.loss must be 'huber' or 'l2', got {loss!r}")
+        if loss not in ("huber", "huber_ict", "l2"):
+            raise StepdistillError(f"algorithm.loss must be 'huber', 'huber_ict' or 'l2', got {loss!r}")
         self.loss_kind, self.huber_c = loss, float(huber_c)
         if weighting not in ("uniform", "ict"):
             raise StepdistillError(f"algorithm.weighting must be 'uniform' or 'ict', got {weighting!r}")

@@ -125,7 +125,7 @@ def test_multistep_target_makes_the_students_jump_land_on_the_segment_edge():
     torch.testing.assert_close(ddim_jump(schedule, x_t, target, t, t_edge), x_edge, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("loss", ["huber", "l2"])
+@pytest.mark.parametrize("loss", ["huber", "huber_ict", "l2"])
 def test_only_the_student_trains(loss):
     teacher, generator = lcm_parts()
     algo = ConsistencyDistillation(teacher, generator, loss=loss)
@@ -168,6 +168,22 @@ def test_ict_weighting_scales_each_samples_loss(monkeypatch):
     assert len(set(t.tolist())) > 1 and not torch.allclose(loss, seen["per_sample"].mean())
     with pytest.raises(StepdistillError, match="weighting must be 'uniform' or 'ict'"):
         ConsistencyDistillation(teacher, generator, weighting="edm")
+
+
+def test_ict_pseudo_huber_is_on_each_samples_vector():
+    """iCT's d(x, y) = sqrt(||x - y||^2 + c^2) - c, c = 0.00054 sqrt(d), over sqrt(d): a sample's whole
+    error vector counts (not each element on its own, as LCM's "huber"), linear for large errors."""
+    from stepdistill.losses import consistency_loss
+
+    target = torch.zeros(2, 1, 2, 2)
+    pred = torch.tensor([[3.0, 4.0, 0.0, 0.0], [1e-4, 0.0, 0.0, 0.0]]).view(2, 1, 2, 2)
+    c = 0.00054 * 2  # d = 4
+    expected = torch.tensor([((25 + c * c) ** 0.5 - c) / 2, ((1e-8 + c * c) ** 0.5 - c) / 2])
+    torch.testing.assert_close(consistency_loss(pred, target, "huber_ict"), expected)
+    per_element = consistency_loss(pred, target, "huber")
+    assert float(per_element[0]) == pytest.approx((3 + 4) / 4, abs=1e-3)  # LCM's: the elements' own sum
+    with pytest.raises(StepdistillError, match="'huber', 'huber_ict' or 'l2'"):
+        ConsistencyDistillation(*lcm_parts(), loss="huber_vector")
 
 
 def test_after_step_moves_the_target_by_ema_and_restarts_it_each_stage():
