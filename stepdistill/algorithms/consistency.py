@@ -52,6 +52,8 @@ class ConsistencyDistillation(Algorithm):
         weighting: per-sample loss weight over the solver grid: "uniform" (LCM, CM) or "ict" (iCT's
             1 / (sigma(t_n) - sigma(t_{n-1})), sigma = the schedule's sigma / alpha, normalised to mean 1
             over the grid: more weight on the low-noise steps; ``consistency_weights``).
+        weighting_power: the exponent on iCT's weights before normalising (1: iCT's; 2 leans further
+            towards the low-noise steps).
         critic: a ``Critic`` with a discriminator head for the adversarial term (None: off).
         gan_generator_weight: weight of softplus(-D(student x0)) in the generator loss.
         gan_t_max: real and student samples reach the discriminator noised at t in [0, gan_t_max].
@@ -64,7 +66,8 @@ class ConsistencyDistillation(Algorithm):
                  stage_steps: list[int] | None = None, guidance_scale: float | None = None,
                  guidance_min: float | None = None, guidance_max: float | None = None,
                  target_decay: float = 0.95, loss: str = "huber", huber_c: float = 1e-3,
-                 weighting: str = "uniform", critic: Critic | None = None, gan_generator_weight: float = 0.1,
+                 weighting: str = "uniform", weighting_power: float = 1.0, critic: Critic | None = None,
+                 gan_generator_weight: float = 0.1,
                  gan_t_max: float = 1.0, seed: int = 0) -> None:
         super().__init__(teacher, generator, seed)
         self.gan_t_max = checked_gan_t_max(gan_t_max)
@@ -91,6 +94,9 @@ class ConsistencyDistillation(Algorithm):
         if weighting not in ("uniform", "ict"):
             raise StepdistillError(f"algorithm.weighting must be 'uniform' or 'ict', got {weighting!r}")
         self.weighting = weighting
+        if not float(weighting_power) > 0:
+            raise StepdistillError(f"algorithm.weighting_power must be > 0, got {weighting_power!r}")
+        self.weighting_power = float(weighting_power)
         self.target_decay = float(target_decay)
         self.target = _target_network(unwrap(generator)) if self.target_decay > 0 else None
 
@@ -144,7 +150,8 @@ class ConsistencyDistillation(Algorithm):
         pred = self.generator(x_t, t, cond)
         per_sample = consistency_loss(pred, target, self.loss_kind, self.huber_c)
         if self.weighting == "ict":
-            per_sample = per_sample * consistency_weights(schedule, gen.solver_grid(), t, t_prev).to(per_sample)
+            weights = consistency_weights(schedule, gen.solver_grid(), t, t_prev, self.weighting_power)
+            per_sample = per_sample * weights.to(per_sample)
         logs: dict[str, float | Tensor] = {"consistency_loss": per_sample.mean().detach()}
         loss = per_sample.mean()
         if self.critic is not None:
@@ -192,19 +199,22 @@ class ConsistencyDistillation(Algorithm):
         return ddim_invert(schedule, x_edge, x_t, t, t_edge)
 
 
-def consistency_weights(schedule: NoiseSchedule, grid: Tensor, t: Tensor, t_prev: Tensor) -> Tensor:
+def consistency_weights(schedule: NoiseSchedule, grid: Tensor, t: Tensor, t_prev: Tensor,
+                        power: float = 1.0) -> Tensor:
     """iCT's loss weights (Song & Dhariwal 2023, Sec. 3.4: lambda(sigma_i) = 1 / (sigma_{i+1} - sigma_i))
     per sample [B] for the step t_n -> t_{n-1}, with sigma(t) = sigma_t / alpha_t (EDM's noise level of the
     VP or flow state) and the weights normalised to mean 1 over the M steps of the descending ``grid``, so
     the loss keeps LCM's scale while its low-noise steps count more (x0-space errors shrink with t). A step
-    from sigma = infinity (a flow grid's t = 1, weight 0 by the formula) gets the grid's smallest weight."""
+    from sigma = infinity (a flow grid's t = 1, weight 0 by the formula) gets the grid's smallest weight.
+    ``power`` raises the weights to that exponent before normalising (1: iCT's)."""
     def edm_sigma(time: Tensor) -> Tensor:
         return schedule.sigma(time) / schedule.alpha(time)
 
     levels = edm_sigma(grid)
     on_grid = 1.0 / (levels[:-1] - levels[1:])
     floor = on_grid[on_grid > 0].min()
-    return (1.0 / (edm_sigma(t) - edm_sigma(t_prev))).clamp_min(floor) / on_grid.clamp_min(floor).mean()
+    raw = (1.0 / (edm_sigma(t) - edm_sigma(t_prev))).clamp_min(floor)
+    return raw ** power / (on_grid.clamp_min(floor) ** power).mean()
 
 
 def _target_network(generator: ConsistencyGenerator) -> nn.Module:

@@ -146,28 +146,36 @@ def test_ict_weights_follow_the_formula_and_favour_low_noise():
            for a, b in zip(grid[:-1], grid[1:], strict=True)]
     torch.testing.assert_close(weights, torch.tensor(lam, dtype=torch.float64) / (sum(lam) / 50))
     assert weights[-1] > 20 * weights[0] and abs(float(weights.mean()) - 1.0) < 1e-12
+    squared = consistency_weights(schedule, grid, grid[:-1], grid[1:], power=2.0)
+    lam2 = torch.tensor(lam, dtype=torch.float64) ** 2
+    torch.testing.assert_close(squared, lam2 / lam2.mean())
+    assert squared[-1] / squared[0] == pytest.approx(float(weights[-1] / weights[0]) ** 2)
     flow_grid = NoiseSchedule.flow(3.0).timesteps(50)  # t = 1 is sigma = inf: the smallest weight, not 0
     flow = consistency_weights(NoiseSchedule.flow(3.0), flow_grid, flow_grid[:-1], flow_grid[1:])
     assert torch.isfinite(flow).all() and abs(float(flow.mean()) - 1.0) < 1e-12
     assert flow[0] == flow[1:].min() > 0 and flow[-1] > flow[1]
 
 
-def test_ict_weighting_scales_each_samples_loss(monkeypatch):
+@pytest.mark.parametrize("power", [1.0, 2.0])
+def test_ict_weighting_scales_each_samples_loss(monkeypatch, power):
     import stepdistill.algorithms.consistency as module
 
     teacher, generator = lcm_parts()
-    algo = ConsistencyDistillation(teacher, generator, weighting="ict", target_decay=0.0)
+    algo = ConsistencyDistillation(teacher, generator, weighting="ict", weighting_power=power, target_decay=0.0)
     seen = {}
     times, distance = algo._times, module.consistency_loss
     monkeypatch.setattr(algo, "_times", lambda *a: seen.setdefault("times", times(*a)))
     monkeypatch.setattr(module, "consistency_loss", lambda *a: seen.setdefault("per_sample", distance(*a)))
     loss = algo.loss("generator", labelled_batch(), step=0).loss
     t, t_prev, _ = seen["times"]
-    expected = (seen["per_sample"] * consistency_weights(teacher.schedule, generator.solver_grid(), t, t_prev)).mean()
+    weights = consistency_weights(teacher.schedule, generator.solver_grid(), t, t_prev, power)
+    expected = (seen["per_sample"] * weights).mean()
     torch.testing.assert_close(loss, expected.float())
     assert len(set(t.tolist())) > 1 and not torch.allclose(loss, seen["per_sample"].mean())
     with pytest.raises(StepdistillError, match="weighting must be 'uniform' or 'ict'"):
         ConsistencyDistillation(teacher, generator, weighting="edm")
+    with pytest.raises(StepdistillError, match="weighting_power must be > 0"):
+        ConsistencyDistillation(teacher, generator, weighting="ict", weighting_power=0)
 
 
 def test_ict_pseudo_huber_is_on_each_samples_vector():
