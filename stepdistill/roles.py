@@ -112,10 +112,7 @@ class Generator(nn.Module):
     def grid(self, steps: int | None = None) -> Tensor:
         """Start times of the K steps: ``timesteps`` for its own K, else evenly spaced from ``t_max``
         (DMD2: 999, 749, 499, 249)."""
-        k = self.steps if steps is None else int(steps)
-        if self.timesteps is not None and k == len(self.timesteps):
-            return self.schedule.from_model_time(torch.tensor(self.timesteps, dtype=torch.float64))
-        return self.schedule.timesteps(k, self.t_max)[:-1]
+        return step_grid(self.schedule, self.steps if steps is None else int(steps), self.t_max, self.timesteps)
 
     def sample(self, noise: Tensor, cond: Conditioning, steps: int | None = None, *,
                generator: torch.Generator | None = None) -> Tensor:
@@ -321,6 +318,15 @@ class Critic(nn.Module):
     def features(self, x_t: Tensor, t: Tensor | float, cond: Conditioning,
                  modules: list[str] | None = None) -> dict[str, Tensor]:
         return self.denoiser.features(x_t, t, cond, modules)
+
+
+def step_grid(schedule: NoiseSchedule, steps: int, t_max: float = 1.0,
+              timesteps: list[float] | None = None) -> Tensor:
+    """Start times of a generator's ``steps`` steps: its own backbone ``timesteps`` when they are that
+    many, else evenly spaced from ``t_max`` (``NoiseSchedule.timesteps`` without the final 0)."""
+    if timesteps is not None and steps == len(timesteps):
+        return schedule.from_model_time(torch.tensor(timesteps, dtype=torch.float64))
+    return schedule.timesteps(steps, t_max)[:-1]
 
 
 def check_timesteps(schedule: NoiseSchedule, timesteps: list[float], steps: int, t_max: float) -> list[float]:

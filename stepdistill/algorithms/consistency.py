@@ -67,8 +67,7 @@ class ConsistencyDistillation(Algorithm):
                  guidance_min: float | None = None, guidance_max: float | None = None,
                  target_decay: float = 0.95, loss: str = "huber", huber_c: float = 1e-3,
                  weighting: str = "uniform", weighting_power: float = 1.0, critic: Critic | None = None,
-                 gan_generator_weight: float = 0.1,
-                 gan_t_max: float = 1.0, seed: int = 0) -> None:
+                 gan_generator_weight: float = 0.1, gan_t_max: float = 1.0, seed: int = 0) -> None:
         super().__init__(teacher, generator, seed)
         self.gan_t_max = checked_gan_t_max(gan_t_max)
         if critic is not None and critic.head is None:

@@ -76,7 +76,7 @@ from typing import Any
 import torch
 
 from stepdistill.errors import StepdistillError
-from stepdistill.roles import Generator
+from stepdistill.roles import Generator, step_grid
 from stepdistill.schedules import NoiseSchedule, Prediction
 
 #: LCM's boundary-condition time scaling: large enough that c_skip = 0 and c_out = 1 in float32
@@ -147,9 +147,7 @@ def generator_timesteps(schedule: NoiseSchedule, steps: int, t_max: float = 1.0,
                         timesteps: list[float] | None = None) -> list[int] | list[float]:
     """The backbone timesteps of a ``Generator``'s K-step grid (``Generator.grid``: its own
     ``timesteps`` for their K, else evenly spaced from ``t_max``)."""
-    if timesteps is not None and len(timesteps) == steps:
-        return model_timesteps(schedule, schedule.from_model_time(torch.tensor(timesteps, dtype=torch.float64)))
-    return model_timesteps(schedule, schedule.timesteps(steps, t_max)[:-1])
+    return model_timesteps(schedule, step_grid(schedule, steps, t_max, timesteps))
 
 
 def model_timesteps(schedule: NoiseSchedule, grid: torch.Tensor) -> list[int] | list[float]:
