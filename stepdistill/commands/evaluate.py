@@ -1,7 +1,9 @@
-"""``stepdistill eval run=DIR [steps=K] [num_samples=N] [teacher_steps=50] [batch_size=256]``.
+"""``stepdistill eval run=DIR [steps=K] [num_samples=N] [teacher_steps=50] [batch_size=256] [noise_seeds=[0,1,2,3]]``.
 
 Measures a run's student and its teacher with the same code, labels and sample count and writes
-``<run>/metrics.json`` and ``<run>/report.md`` (see ``stepdistill.eval.run_eval``).
+``<run>/metrics.json`` and ``<run>/report.md`` (see ``stepdistill.eval.run_eval``); with ``noise_seeds``
+every metric is the mean over one evaluation per seed (each seed's value kept in metrics.json); without
+it, the run config's ``evaluate.noise_seeds`` (the digits experiments: 0-3), else seed 0 alone.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ from stepdistill.commands.sample import parse_args
 from stepdistill.errors import StepdistillError
 
 KEYS = {"run": "str", "steps": "int", "num_samples": "int", "teacher_steps": "int", "batch_size": "int",
-        "seed": "int"}
+        "seed": "int", "noise_seeds": "ints"}
 
 
 def evaluate_run(run_dir: Path, generator, cfg, *, steps: int | None = None, num_samples: int | None = None,
-                 teacher_steps: int = 50, batch_size: int = 256, seed: int = 0) -> dict:
+                 teacher_steps: int = 50, batch_size: int = 256, seed: int = 0,
+                 noise_seeds: Sequence[int] | None = None) -> dict:
     """Evaluate ``generator`` (the run's student) and write metrics.json and report.md into ``run_dir``."""
     from stepdistill.commands.teacher import build_task
     from stepdistill.denoisers.loading import load_denoiser
@@ -36,7 +39,7 @@ def evaluate_run(run_dir: Path, generator, cfg, *, steps: int | None = None, num
     scale = cfg.algorithm.get("guidance_scale") if cfg.get("algorithm") else None
     result = evaluate_student(generator, teacher, task, steps=steps or generator.steps,
                               teacher_steps=teacher_steps, guidance_scale=scale, num_samples=num_samples,
-                              seed=seed, batch_size=batch_size)
+                              seed=seed, batch_size=batch_size, noise_seeds=noise_seeds)
     train_file = run_dir / "train.json"
     train = json.loads(train_file.read_text()) if train_file.is_file() else None
     metrics = write_metrics(run_dir, result, experiment=str(cfg.get("experiment_name") or run_dir.name),
@@ -44,8 +47,10 @@ def evaluate_run(run_dir: Path, generator, cfg, *, steps: int | None = None, num
                             train=train)
     report = write_report(run_dir, metrics, result, task)
     key = task.primary_metric
+    seeds = metrics["student"].get("noise_seeds")
+    over = f" (means over noise seeds {seeds})" if seeds else ""
     print(f"student {key} {metrics['student']['metrics'][key]:.4g} vs teacher "
-          f"{metrics['teacher']['metrics'][key]:.4g} ({metrics['teacher']['steps']} steps); report: {report}")
+          f"{metrics['teacher']['metrics'][key]:.4g} ({metrics['teacher']['steps']} steps){over}; report: {report}")
     return metrics
 
 
@@ -55,4 +60,6 @@ def run(overrides: Sequence[str]) -> dict:
     args = parse_args(overrides, KEYS, "eval")
     student = load_run(args.pop("run", None))
     student.generator.to("cuda" if torch.cuda.is_available() else "cpu")
+    if "noise_seeds" not in args:  # the run's own protocol (digits: seeds 0-3)
+        args["noise_seeds"] = (student.config.get("evaluate") or {}).get("noise_seeds")
     return evaluate_run(student.path, student.generator, student.config, **args)

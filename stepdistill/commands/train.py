@@ -117,7 +117,8 @@ def train(cfg: DictConfig) -> TrainResult:
             from stepdistill.commands.evaluate import evaluate_run
 
             evaluate_run(out, fit.generator, cfg, num_samples=cfg.evaluate.num_samples,
-                         teacher_steps=cfg.evaluate.teacher_steps, batch_size=cfg.evaluate.batch_size)
+                         teacher_steps=cfg.evaluate.teacher_steps, batch_size=cfg.evaluate.batch_size,
+                         noise_seeds=cfg.evaluate.get("noise_seeds"))
     return TrainResult(fit.algorithm, fit.generator, fit.ema.model if fit.ema is not None else None, task, cfg,
                        fit.wall_s, fit.history, out, fit.skipped_nonfinite)
 

@@ -44,6 +44,7 @@ def write_report(run_dir: Path, metrics: dict, result: dict, task) -> Path:
             f"{metrics['algorithm']} student, {metrics['student']['steps']} step(s), vs the teacher at "
             f"{metrics['teacher']['steps']} steps (CFG {metrics['teacher']['guidance_scale']}): "
             f"{key} ratio student / teacher = **{ratio:.3g}**.", "",
+            *_seed_lines(metrics, key),
             markdown_table(rows, columns),
             f"Training: {train.get('iterations', '?')} iterations in {train.get('wall_s', '?')} s, "
             f"{train.get('skipped_nonfinite', 0)} non-finite steps skipped.", "",
@@ -54,6 +55,16 @@ def write_report(run_dir: Path, metrics: dict, result: dict, task) -> Path:
     path = run_dir / "report.md"
     path.write_text("\n".join(text))
     return path
+
+
+def _seed_lines(metrics: dict, key: str) -> list[str]:
+    """With several noise seeds: what the means are over, and each seed's value."""
+    seeds = metrics["student"].get("noise_seeds")
+    if not seeds:
+        return []
+    values = lambda row: ", ".join(f"{v:.4g}" for v in row["metrics_per_seed"][key])  # noqa: E731
+    return [f"Metrics are means over noise seeds {seeds}; {key} per seed: student {values(metrics['student'])}, "
+            f"teacher {values(metrics['teacher'])}.", ""]
 
 
 def plot_phase_losses(log_file: Path, path: Path) -> bool:

@@ -55,3 +55,11 @@ def test_shipped_config_composes_and_binds(name, overrides):
     assert nodes, "no _target_ nodes"
     for path, node in nodes:
         _check_binds(path, node)
+
+
+def test_digits_experiments_evaluate_over_four_noise_seeds():
+    """The digits FID moves with the noise drawn: its experiments average noise seeds 0-3; toy2d's one."""
+    for experiment in experiments():
+        cfg = compose("train", [f"experiment={experiment}", "output_dir=x"])
+        expected = [0, 1, 2, 3] if experiment.startswith("digits/") else None
+        assert cfg.evaluate.noise_seeds == expected, experiment
