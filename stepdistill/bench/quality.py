@@ -188,7 +188,7 @@ def teacher_curve(dataset: str, steps: Sequence[int], num_samples: int | None,
     from stepdistill.commands.teacher import build_task
     from stepdistill.config import compose
     from stepdistill.denoisers.loading import load_denoiser
-    from stepdistill.eval.run_eval import teacher_row
+    from stepdistill.eval.run_eval import check_noise_seeds, teacher_row
     from stepdistill.roles import Teacher
 
     cfg = compose("teacher", [f"dataset={dataset}"])
@@ -197,10 +197,12 @@ def teacher_curve(dataset: str, steps: Sequence[int], num_samples: int | None,
     device = "cuda" if torch.cuda.is_available() else "cpu"  # where the runs' evaluation puts the teacher
     teacher = Teacher(load_denoiser(cfg.teacher.path), scale).to(device)
     labels = task.eval_labels(num_samples)
+    # the noise seeds of the runs' own evaluation (digits: 0-3), so the curve meets their teacher row
+    seeds = check_noise_seeds((cfg.get("evaluate") or {}).get("noise_seeds"), EVAL_SEED)
     points = []
     with torch.no_grad():
         for k in steps:
-            r = teacher_row(teacher, task, labels, int(k), scale, EVAL_SEED, batch_size, device)
+            r = teacher_row(teacher, task, labels, int(k), scale, seeds, batch_size, device)
             points.append({"steps": int(k), "nfe": r["nfe"], "value": float(r["metrics"][task.primary_metric])})
     return {"metric": task.primary_metric, "guidance_scale": scale, "num_samples": len(labels), "points": points}
 
