@@ -84,12 +84,15 @@ class Generator(nn.Module):
         timesteps: the backbone timesteps of the ``steps``-step grid, descending, starting at ``t_max``'s
             timestep (DMD2's ``denoising_step_list``; e.g. 300, 150, 100, 50); other step counts keep the
             even grid. None: the even grid for every step count.
+        training_timesteps: the ``steps``-step grid backward simulation trains on (DMD2 Sec. 4.5, few-step
+            SiD), the same rules as ``timesteps``; None: the sampling grid. Sampling and export keep
+            ``timesteps``: a network trained on one grid may be sampled on another.
     """
 
     def __init__(self, denoiser: Denoiser, steps: int = 1, t_max: float = 1.0, copy: bool = True,
                  lora_rank: int | None = None, lora_alpha: float | None = None,
                  lora_target_modules: list[str] | str | None = None,
-                 timesteps: list[float] | None = None) -> None:
+                 timesteps: list[float] | None = None, training_timesteps: list[float] | None = None) -> None:
         super().__init__()
         if lora_rank:
             if not has_lora(denoiser.backbone):
@@ -101,6 +104,8 @@ class Generator(nn.Module):
         self.t_max = float(t_max)
         self.timesteps = None if timesteps is None else check_timesteps(self.schedule, timesteps, self.steps,
                                                                         self.t_max)
+        self.training_timesteps = None if training_timesteps is None else check_timesteps(
+            self.schedule, training_timesteps, self.steps, self.t_max, key="generator.training_timesteps")
 
     @property
     def schedule(self) -> NoiseSchedule:
@@ -113,6 +118,12 @@ class Generator(nn.Module):
         """Start times of the K steps: ``timesteps`` for its own K, else evenly spaced from ``t_max``
         (DMD2: 999, 749, 499, 249)."""
         return step_grid(self.schedule, self.steps if steps is None else int(steps), self.t_max, self.timesteps)
+
+    def training_grid(self) -> Tensor:
+        """The K-step grid backward simulation trains on: ``training_timesteps``, else ``grid()``."""
+        if self.training_timesteps is None:
+            return self.grid()
+        return step_grid(self.schedule, self.steps, self.t_max, self.training_timesteps)
 
     def sample(self, noise: Tensor, cond: Conditioning, steps: int | None = None, *,
                generator: torch.Generator | None = None) -> Tensor:
@@ -329,9 +340,11 @@ def step_grid(schedule: NoiseSchedule, steps: int, t_max: float = 1.0,
     return schedule.timesteps(steps, t_max)[:-1]
 
 
-def check_timesteps(schedule: NoiseSchedule, timesteps: list[float], steps: int, t_max: float) -> list[float]:
-    """``generator.timesteps`` as floats, or a one-line ``ValueError``: ``steps`` descending backbone
-    timesteps above 0 (VP: integers on the table) whose first is ``t_max``'s timestep."""
+def check_timesteps(schedule: NoiseSchedule, timesteps: list[float], steps: int, t_max: float,
+                    key: str = "generator.timesteps") -> list[float]:
+    """``generator.timesteps`` (or the list at config ``key``) as floats, or a one-line ``ValueError``:
+    ``steps`` descending backbone timesteps above 0 (VP: integers on the table) whose first is
+    ``t_max``'s timestep."""
     values = [float(v) for v in timesteps]
     start = float(schedule.to_model_time(schedule.timesteps(1, t_max)[0]))
     problem = None
@@ -344,7 +357,7 @@ def check_timesteps(schedule: NoiseSchedule, timesteps: list[float], steps: int,
     elif abs(values[0] - start) > 1e-6:
         problem = f"starts at {values[0]:g}, but generator.t_max={t_max} starts at timestep {start:g}"
     if problem:
-        raise ValueError(f"generator.timesteps={values} {problem}: set the list (or t_max) so they agree")
+        raise ValueError(f"{key}={values} {problem}: set the list (or t_max) so they agree")
     return values
 
 

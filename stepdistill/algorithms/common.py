@@ -16,14 +16,15 @@ from stepdistill.schedules import NoiseSchedule
 def student_sample(generator: nn.Module, cond: Conditioning, shared: torch.Generator, *, grad: bool) -> Tensor:
     """Generator output x0 [B, ...] for ``cond``. K-step generators train with backward simulation
     (DMD2 Sec. 4.5; few-step SiD): draw k in 0..K-1 from ``shared`` (the same on every process), run
-    k generator steps without grad from fresh noise, and return step k's output (with grad if asked).
+    k generator steps without grad from fresh noise, and return step k's output (with grad if asked);
+    on ``Generator.training_grid()`` (``generator.training_timesteps``, else the sampling grid).
 
     Args:
         generator: the (possibly DDP-wrapped) ``Generator``; the graded call goes through the wrapper.
         shared: a generator seeded identically on every process (``Algorithm.shared_generator(step)``).
     """
     gen = unwrap(generator)
-    grid = gen.grid()
+    grid = gen.training_grid()
     k = int(torch.randint(len(grid), (1,), generator=shared)) if len(grid) > 1 else 0
     device = next(gen.parameters()).device
     noise = torch.randn(len(cond), *gen.denoiser.sample_shape, device=device)

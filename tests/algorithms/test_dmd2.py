@@ -124,3 +124,18 @@ def test_backward_simulation_runs_on_the_generators_own_timesteps(parts):
     for step in range(24):
         student_sample(generator, labelled_batch().cond, torch.Generator().manual_seed(step), grad=False)
     assert set(seen) == {999, 400, 200, 50}
+
+
+def test_backward_simulation_runs_on_the_training_timesteps(parts):
+    """With generator.training_timesteps backward simulation uses them, never the sampling grid."""
+    from stepdistill.algorithms.common import student_sample
+
+    teacher, _, _ = parts
+    generator = Generator(teacher.denoiser, steps=4, timesteps=[999, 600, 300, 100],
+                          training_timesteps=[999, 400, 200, 50])
+    seen = []
+    forward = generator.forward
+    generator.forward = lambda x, t, cond: seen.append(round(float(t[0]) * 999)) or forward(x, t, cond)
+    for step in range(24):
+        student_sample(generator, labelled_batch().cond, torch.Generator().manual_seed(step), grad=False)
+    assert set(seen) == {999, 400, 200, 50}

@@ -122,6 +122,20 @@ def test_generator_timesteps_set_its_own_grid_and_survive_settings(denoiser):
     torch.testing.assert_close(gen.sample(noise, cond, generator=torch.Generator().manual_seed(1)), by_hand)
 
 
+def test_training_timesteps_set_the_training_grid_only(denoiser):
+    """``training_timesteps``: backward simulation's grid; sampling and the settings keep ``timesteps``."""
+    gen = Generator(denoiser, steps=4, t_max=0.3, timesteps=[300, 100, 50, 20],
+                    training_timesteps=[300, 150, 100, 50], copy=False)
+    assert gen.schedule.to_model_time(gen.training_grid()).tolist() == [300.0, 150.0, 100.0, 50.0]
+    assert gen.schedule.to_model_time(gen.grid()).tolist() == [300.0, 100.0, 50.0, 20.0]
+    assert gen.settings()["timesteps"] == [300.0, 100.0, 50.0, 20.0] and "training_timesteps" not in gen.settings()
+    plain = Generator(denoiser, steps=4, t_max=0.3, timesteps=[300, 100, 50, 20], copy=False)
+    assert torch.equal(plain.training_grid(), plain.grid())
+    with pytest.raises(ValueError, match=r"^generator.training_timesteps=\[300.0, 150.0\] has 2 values") as err:
+        Generator(denoiser, steps=4, t_max=0.3, training_timesteps=[300, 150], copy=False)
+    assert "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("timesteps,problem", [([300, 150, 100], "has 3 values for generator.steps=4"),
                                                ([300, 150, 150, 50], "strictly descending"),
                                                ([300, 150, 100, 0], "above 0"),
