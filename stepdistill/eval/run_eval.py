@@ -2,7 +2,7 @@
 
 Writes ``<run>/metrics.json`` (the schema of issue 3) and ``<run>/report.md`` with pictures; with
 several noise seeds each metric is the mean of one evaluation per seed (a few-sample FID moves with
-the noise drawn: on digits the same student scores 0.28-0.40 over noise draws). The
+the noise drawn: on digits the same student scores 0.27-0.41 over noise draws). The
 teacher's metrics (minutes on a CPU at 50 CFG steps) are cached under ``$STEPDISTILL_CACHE`` (default
 ``~/.cache/stepdistill``) keyed by the teacher's weights, sampler settings, sample count, task and
 seed; its throughput is always measured afresh in this process, on the student's batch size.
