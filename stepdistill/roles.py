@@ -121,9 +121,7 @@ class Generator(nn.Module):
 
     def training_grid(self) -> Tensor:
         """The K-step grid backward simulation trains on: ``training_timesteps``, else ``grid()``."""
-        if self.training_timesteps is None:
-            return self.grid()
-        return step_grid(self.schedule, self.steps, self.t_max, self.training_timesteps)
+        return step_grid(self.schedule, self.steps, self.t_max, self.training_timesteps or self.timesteps)
 
     def sample(self, noise: Tensor, cond: Conditioning, steps: int | None = None, *,
                generator: torch.Generator | None = None) -> Tensor:

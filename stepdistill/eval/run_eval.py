@@ -70,9 +70,8 @@ def _synchronize(device: torch.device | str) -> None:
 
 
 def teacher_row(teacher: Teacher, task, labels: Tensor, steps: int, guidance_scale: float,
-                seed: int | Sequence[int], batch_size: int, device: torch.device | str = "cpu") -> dict:
+                seeds: Sequence[int], batch_size: int, device: torch.device | str = "cpu") -> dict:
     """The teacher's metrics at ``steps``: for several noise seeds their means (as ``seed_average``)."""
-    seeds = [seed] if isinstance(seed, int) else list(seed)
     per_seed = [teacher_metrics(teacher, task, labels, steps, guidance_scale, s, batch_size, device)
                 for s in seeds]
     return {"steps": steps, "nfe": teacher.nfe(steps, guidance_scale), "guidance_scale": guidance_scale,

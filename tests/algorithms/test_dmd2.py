@@ -112,30 +112,26 @@ def test_gan_t_max_must_be_a_fraction_of_the_range(parts):
             DMD2(*parts, gan_generator_weight=1e-3, gan_critic_weight=1e-2, gan_t_max=bad)
 
 
-def test_backward_simulation_runs_on_the_generators_own_timesteps(parts):
-    """With generator.timesteps the graded step starts at one of them, each one over enough draws."""
+def _backward_simulation_times(generator: Generator) -> set[int]:
+    """The backbone timesteps ``student_sample`` runs the generator at over 24 draws of k."""
     from stepdistill.algorithms.common import student_sample
 
-    teacher, _, _ = parts
-    generator = Generator(teacher.denoiser, steps=4, timesteps=[999, 400, 200, 50])
     seen = []
     forward = generator.forward
     generator.forward = lambda x, t, cond: seen.append(round(float(t[0]) * 999)) or forward(x, t, cond)
     for step in range(24):
         student_sample(generator, labelled_batch().cond, torch.Generator().manual_seed(step), grad=False)
-    assert set(seen) == {999, 400, 200, 50}
+    return set(seen)
+
+
+def test_backward_simulation_runs_on_the_generators_own_timesteps(parts):
+    """With generator.timesteps the graded step starts at one of them, each one over enough draws."""
+    generator = Generator(parts[0].denoiser, steps=4, timesteps=[999, 400, 200, 50])
+    assert _backward_simulation_times(generator) == {999, 400, 200, 50}
 
 
 def test_backward_simulation_runs_on_the_training_timesteps(parts):
     """With generator.training_timesteps backward simulation uses them, never the sampling grid."""
-    from stepdistill.algorithms.common import student_sample
-
-    teacher, _, _ = parts
-    generator = Generator(teacher.denoiser, steps=4, timesteps=[999, 600, 300, 100],
+    generator = Generator(parts[0].denoiser, steps=4, timesteps=[999, 600, 300, 100],
                           training_timesteps=[999, 400, 200, 50])
-    seen = []
-    forward = generator.forward
-    generator.forward = lambda x, t, cond: seen.append(round(float(t[0]) * 999)) or forward(x, t, cond)
-    for step in range(24):
-        student_sample(generator, labelled_batch().cond, torch.Generator().manual_seed(step), grad=False)
-    assert set(seen) == {999, 400, 200, 50}
+    assert _backward_simulation_times(generator) == {999, 400, 200, 50}
