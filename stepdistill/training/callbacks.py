@@ -176,12 +176,13 @@ class SampleGrid:
 
     def after_step(self, record: StepRecord, last: bool) -> None:
         done = record.step + 1
-        if self.accelerator.is_main_process and (last or (self.every > 0 and done % self.every == 0)):
-            self.draw(done)
+        if last or (self.every > 0 and done % self.every == 0):
+            generator, label = self.model()  # every process: a sharded generator is gathered
+            if self.accelerator.is_main_process:
+                self.draw(done, generator, label)
 
     @torch.no_grad()
-    def draw(self, step: int) -> Path:
-        generator, label = self.model()
+    def draw(self, step: int, generator: nn.Module, label: str) -> Path:
         device = next(generator.parameters()).device
         labels = self.task.eval_labels(self.num_samples)
         g = torch.Generator().manual_seed(self.seed)

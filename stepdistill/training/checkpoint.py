@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from stepdistill.training.ema import EMA
 PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-checkpoint-"
 OLD_PREFIX = ".old-checkpoint-"
+SHARDED = "sharded"  # a sharded run's roles, optimizers and EMA (torch distributed checkpoint)
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -91,11 +93,12 @@ def remove_partial(root: Path) -> None:
 
 
 def save_checkpoint(accelerator, root: Path, state: TrainerState, ema: EMA | None,
-                    keep_last: int | None) -> Path:
+                    keep_last: int | None, extra: Callable[[Path], None] | None = None) -> Path:
     """Save the full training state at ``state.step`` atomically; keep the newest ``keep_last``.
 
-    Every process takes part (each saves its RNG state); only the main process writes the EMA and
-    trainer state, renames and prunes.
+    Every process takes part (each saves its RNG state, and ``extra(directory)`` runs on every
+    process: a sharded run's shards); only the main process writes the EMA and trainer state, renames
+    and prunes.
     """
     final = root / f"{PREFIX}{state.step}"
     tmp = root / f"{TMP_PREFIX}{state.step}"
@@ -105,6 +108,8 @@ def save_checkpoint(accelerator, root: Path, state: TrainerState, ema: EMA | Non
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(tmp))
+        if extra is not None:
+            extra(tmp)
         if accelerator.is_main_process:
             _write_trainer_files(tmp, state, ema)
         accelerator.wait_for_everyone()
@@ -128,12 +133,19 @@ def _write_trainer_files(directory: Path, state: TrainerState, ema: EMA | None) 
     (directory / "trainer_state.json").write_text(json.dumps(asdict(state)))
 
 
-def load_checkpoint(accelerator, path: Path, ema: EMA | None) -> TrainerState:
-    """Restore what ``save_checkpoint`` saved (models, optimizers, schedules, RNG states, EMA)."""
+def load_checkpoint(accelerator, path: Path, ema: EMA | None,
+                    extra: Callable[[Path], None] | None = None) -> TrainerState:
+    """Restore what ``save_checkpoint`` saved (models, optimizers, schedules, RNG states, EMA;
+    ``extra(path)`` on every process: a sharded run's shards)."""
     from safetensors.torch import load_model
 
     try:
+        if (extra is None) == (path / SHARDED).is_dir():
+            raise ValueError("a sharded checkpoint (trainer.strategy=fsdp|hsdp) resumes only with a "
+                             "sharded strategy, and a ddp one only with ddp")
         accelerator.load_state(str(path))
+        if extra is not None:
+            extra(path)
         state = TrainerState(**json.loads((path / "trainer_state.json").read_text()))
         if ema is not None:  # the parameters' device: "cpu", never accelerate's "cpu:0"
             load_model(ema.model, str(path / "ema.safetensors"), device=str(next(ema.model.parameters()).device))

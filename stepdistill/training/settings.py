@@ -12,6 +12,9 @@ from stepdistill.errors import StepdistillError
 from stepdistill.training.callbacks import LoggerConfig
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
+STRATEGIES = ("ddp", "fsdp", "hsdp")
+TEACHER_PLACEMENTS = ("replicate", "shard", "offload")
+ATTENTION = ("sdpa", "xformers")
 
 
 @dataclass
@@ -37,6 +40,13 @@ class TrainerConfig:
         progress: show the progress bar (main process).
         max_wall_s: stop after this many seconds of the run (as if ``max_steps`` had been reached:
             last checkpoint, student, train.json), e.g. to train under a wall-time budget; null: no limit.
+        strategy: ddp (every process holds every role) | fsdp (torch FSDP2: each trained role sharded
+            per block over all processes) | hsdp (sharded within a node, replicated across nodes).
+        teacher_placement: replicate (a full copy per process) | shard (sharded like the trained
+            roles; fsdp / hsdp only) | offload (weights in CPU memory, moved to the device per block).
+        gradient_checkpointing: recompute activations in backward (generator and critic).
+        gradient_as_bucket_view: DDP's flag (gradients are views into its buckets: one copy fewer).
+        attention: the attention backend of every role: sdpa | xformers (CUDA with xformers only).
     """
 
     max_steps: int = 1000
@@ -56,10 +66,20 @@ class TrainerConfig:
     find_unused_parameters: bool = False
     progress: bool = True
     max_wall_s: float | None = None
+    strategy: str = "ddp"
+    teacher_placement: str = "replicate"
+    gradient_checkpointing: bool = False
+    gradient_as_bucket_view: bool = True
+    attention: str = "sdpa"
 
     def __post_init__(self) -> None:
-        if self.mixed_precision not in PRECISIONS:
-            raise StepdistillError(f"trainer.mixed_precision={self.mixed_precision!r}; allowed: {', '.join(PRECISIONS)}")
+        for key, allowed in (("mixed_precision", PRECISIONS), ("strategy", STRATEGIES),
+                             ("teacher_placement", TEACHER_PLACEMENTS), ("attention", ATTENTION)):
+            if getattr(self, key) not in allowed:
+                raise StepdistillError(f"trainer.{key}={getattr(self, key)!r}; allowed: {', '.join(allowed)}")
+        if self.teacher_placement == "shard" and self.strategy == "ddp":
+            raise StepdistillError("trainer.teacher_placement=shard needs trainer.strategy=fsdp or hsdp; "
+                                   "with ddp use replicate or offload")
         for key in ("max_steps", "batch_size", "gradient_accumulation_steps", "max_nonfinite_in_a_row"):
             if int(getattr(self, key)) < 1:
                 raise StepdistillError(f"trainer.{key} must be >= 1; got {getattr(self, key)}")
@@ -91,7 +111,8 @@ def build_accelerator(config: TrainerConfig, logger: LoggerConfig, output_dir: P
         log_with=logger.log_with, step_scheduler_with_optimizer=False,
         project_config=ProjectConfiguration(project_dir=str(output_dir),
                                             logging_dir=str(output_dir / "tensorboard")),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=config.find_unused_parameters)])
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=config.find_unused_parameters,
+                                                       gradient_as_bucket_view=config.gradient_as_bucket_view)])
     if accelerator.num_processes != launched:
         raise StepdistillError(f"{launched} processes were launched but accelerate sees "
                                f"{accelerator.num_processes}; launch with accelerate launch --multi_gpu "

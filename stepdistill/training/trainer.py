@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from stepdistill.algorithms.base import Algorithm, Batch, unwrap
 from stepdistill.conditioning import Conditioning
 from stepdistill.errors import StepdistillError
-from stepdistill.training import checkpoint
+from stepdistill.training import checkpoint, sharding
 from stepdistill.training.callbacks import (
     LoggerConfig,
     MetricsLog,
@@ -94,13 +94,16 @@ class Trainer:
         self.task, self.run_config = task, run_config or {}
         self.accelerator = accelerator or build_accelerator(config, self.logger, self.output_dir)
         self._check_batch_size()
-        self.phase_params = _phase_parameters(algorithm)
+        self.sharded = config.strategy != "ddp"
+        _phase_parameters(algorithm)  # freezes what no phase trains, before any sharding
         self.settings = optim.for_phases(algorithm.phases)
         algorithm.teacher.eval().requires_grad_(False)
         algorithm.to(self.accelerator.device)
-        self.ema = EMA(unwrap(algorithm.generator), config.ema_decay) if config.ema_decay is not None else None
+        self.skeletons = self._shard() if self.sharded else {}
+        self.phase_params = _phase_parameters(algorithm)  # the live (after FSDP: sharded) parameters
         generator_ids = {id(p) for p in unwrap(algorithm.generator).parameters()}
         self.ema_phases = {ph for ph, ps in self.phase_params.items() if any(id(p) in generator_ids for p in ps)}
+        self.ema = self._make_ema() if config.ema_decay is not None else None
         self.optimizers = {ph: build_optimizer(ps, self.settings[ph]) for ph, ps in self.phase_params.items()}
         self.schedules = {ph: build_schedule(opt, self.settings[ph]) for ph, opt in self.optimizers.items()}
         self.prepared = self._prepare()
@@ -117,14 +120,46 @@ class Trainer:
                                    f"divisible by the number of processes ({n}) x "
                                    f"trainer.gradient_accumulation_steps ({k})")
 
+    def _shard(self) -> nn.Module:
+        """FSDP2 (``trainer.strategy=fsdp|hsdp``): shard every trained role per block (and the teacher
+        with ``teacher_placement=shard``); returns each role's skeleton (meta device), which
+        ``sampling_generator`` and the end of ``fit`` fill with gathered weights."""
+        if self.accelerator.mixed_precision == "fp16":
+            raise StepdistillError(f"trainer.strategy={self.config.strategy} trains in bf16 or fp32: set "
+                                   "trainer.mixed_precision=bf16 (or no)")
+        mesh = sharding.device_mesh(self.config.strategy, self.accelerator.device)
+        policy = sharding.mixed_precision_policy(self.accelerator.mixed_precision)
+        roles = {"generator": unwrap(self.algorithm.generator), **self.algorithm.modules_to_prepare()}
+        skeletons = {name: sharding.skeleton(module) for name, module in roles.items()}
+        done: set[int] = set()
+        for name, module in self.algorithm.modules_to_prepare().items():
+            sharding.shard(module, mesh, policy, done)
+            sharding.check_sharded(module, name)
+        if self.config.teacher_placement == "shard":
+            sharding.shard(self.algorithm.teacher, mesh, None, done)
+        return skeletons
+
+    def _make_ema(self):
+        """The generator's EMA: a whole copy (ddp), or a shadow shard of each trained parameter (fsdp)."""
+        generator = unwrap(self.algorithm.generator)
+        if not self.sharded:
+            return EMA(generator, self.config.ema_decay)
+        trained = {id(p) for ph in self.ema_phases for p in self.phase_params[ph]}
+        return sharding.ShardedEMA(generator, self.config.ema_decay, trained)
+
     def _prepare(self) -> dict[str, nn.Module]:
-        """``accelerator.prepare`` the trained modules, optimizers and schedules (never the teacher)."""
+        """``accelerator.prepare`` the trained modules, optimizers and schedules (never the teacher).
+        Sharded roles are not handed to accelerate (its wrappers would checkpoint rank 0's shards
+        only): their optimizers and the EMA go to torch distributed checkpoint (``sharding``), the
+        LR schedules (the same on every process) to accelerate's custom objects."""
         names = self.algorithm.modules_to_prepare()
         inside = {id(p) for m in names.values() for p in m.parameters()}
         for phase, params in self.phase_params.items():
             if any(id(p) not in inside for p in params):
                 raise ValueError(f"phase {phase!r} trains parameters outside modules_to_prepare(); make "
                                  "trainable() return direct submodules of the algorithm")
+        if self.sharded:
+            return self._register_sharded(names)
         objects = [*names.values(), *self.optimizers.values(), *self.schedules.values()]
         prepared = list(self.accelerator.prepare(*objects))
         modules = dict(zip(names, prepared[:len(names)], strict=True))
@@ -136,10 +171,22 @@ class Trainer:
         stateful = _untrained_state(self.algorithm, [*names.values(), *modules.values()])
         if stateful:  # e.g. f-distill's ratio normaliser: its running means resume with the run
             self.accelerator.register_for_checkpointing(_ModuleBuffers(stateful))
-        ids = {ph: {id(p) for p in ps} for ph, ps in self.phase_params.items()}
-        self.phase_modules = {ph: [m for m in modules.values() if any(id(p) in ids[ph] for p in m.parameters())]
-                              for ph in self.phase_params}
+        self.phase_modules = self._modules_of_phases(modules)
         return modules
+
+    def _register_sharded(self, names: dict[str, nn.Module]) -> dict[str, nn.Module]:
+        stateful = _untrained_state(self.algorithm, list(names.values()))
+        for schedule in self.schedules.values():
+            self.accelerator.register_for_checkpointing(schedule)
+        if stateful:
+            self.accelerator.register_for_checkpointing(_ModuleBuffers(stateful))
+        self.phase_modules = self._modules_of_phases(names)
+        return names
+
+    def _modules_of_phases(self, modules: dict[str, nn.Module]) -> dict[str, list[nn.Module]]:
+        ids = {ph: {id(p) for p in ps} for ph, ps in self.phase_params.items()}
+        return {ph: [m for m in modules.values() if any(id(p) in ids[ph] for p in m.parameters())]
+                for ph in self.phase_params}
 
     # ------------------------------------------------------------------ one step
     def train_step(self, step: int) -> StepRecord:
@@ -152,7 +199,7 @@ class Trainer:
         opt, settings = self.optimizers[phase], self.settings[phase]
         lr = float(opt.param_groups[0]["lr"])
         self.accelerator.unscale_gradients(optimizer=opt)
-        grad_norm = float(_clip_or_measure(self.phase_params[phase], settings.max_grad_norm))
+        grad_norm = _value(_clip_or_measure(self.phase_params[phase], settings.max_grad_norm))
         if self.accelerator.num_processes > 1:
             loss = self.accelerator.reduce(loss, "mean")
         loss_value = float(loss)
@@ -218,7 +265,7 @@ class Trainer:
         stack = contextlib.ExitStack()
         if not last:
             for module in self.phase_modules[phase]:
-                stack.enter_context(self.accelerator.no_sync(module))
+                stack.enter_context(_fsdp_no_sync(module) if self.sharded else self.accelerator.no_sync(module))
         return stack
 
     def _account(self, record: StepRecord) -> StepRecord:
@@ -271,8 +318,12 @@ class Trainer:
             if last_saved != self.state.step:
                 self.save_checkpoint()
             wall = time.perf_counter() - start_time
+            student = self.sampling_generator()[0]
+            if self.sharded and self.ema is not None:
+                self.ema.model = student
             if acc.is_main_process:
-                self._export(wall, start_step)
+                self._export(student, wall, start_step)
+            wholes = self._whole_roles(student)
             finished = True
         finally:
             for cb in callbacks:
@@ -281,10 +332,23 @@ class Trainer:
                 acc.wait_for_everyone()
             acc.end_training()
         for name, module in self.prepared.items():
-            setattr(self.algorithm, name, acc.unwrap_model(module))
-        return FitResult(self.algorithm, self.sampling_generator()[0], self.ema, self.state.history, wall,
+            whole = wholes.get(name) if self.sharded else acc.unwrap_model(module)
+            if whole is not None:
+                setattr(self.algorithm, name, whole)
+        return FitResult(self.algorithm, student, self.ema, self.state.history, wall,
                          self.state.skipped_nonfinite, start_step,
                          checkpoint.latest_checkpoint(self.output_dir / "checkpoints"))
+
+    def _whole_roles(self, student: nn.Module | None) -> dict[str, nn.Module | None]:
+        """Sharded: every trained role gathered whole onto the main process (None elsewhere), before
+        the process group ends (the online generator is the student when there is no EMA)."""
+        if not self.sharded:
+            return {}
+        out = {}
+        for name, module in self.prepared.items():
+            reuse = name == "generator" and self.ema is None
+            out[name] = student if reuse else sharding.gathered(module, self.skeletons[name])
+        return out
 
     def run_step(self, step: int, callbacks: list) -> StepRecord:
         """One iteration of the run: the optimizer step, then the callbacks (logs, progress,
@@ -317,16 +381,36 @@ class Trainer:
                                   cfg.sample_every, cfg.num_samples, cfg.seed))
         return out
 
-    def sampling_generator(self) -> tuple[nn.Module, str]:
-        """The generator to sample and export: the EMA one when enabled, else the online one."""
+    def sampling_generator(self) -> tuple[nn.Module | None, str]:
+        """The generator to sample and export: the EMA one when enabled, else the online one. Sharded:
+        a whole copy gathered from every process (all must call this), on the main process only
+        (None elsewhere)."""
+        label = "EMA generator" if self.ema is not None else "generator"
+        if self.sharded:
+            overrides = self.ema.full() if self.ema is not None else None
+            whole = sharding.gathered(unwrap(self.algorithm.generator), self.skeletons["generator"], overrides)
+            return (None if whole is None else whole.to(self.accelerator.device)), label
         if self.ema is not None:
-            return self.ema.model, "EMA generator"
-        return unwrap(self.algorithm.generator), "generator"
+            return self.ema.model, label
+        return unwrap(self.algorithm.generator), label
 
     # ------------------------------------------------------------------ checkpoints and export
     def save_checkpoint(self) -> Path:
-        return checkpoint.save_checkpoint(self.accelerator, self.output_dir / "checkpoints", self.state,
-                                          self.ema, self.config.keep_last)
+        if not self.sharded:
+            return checkpoint.save_checkpoint(self.accelerator, self.output_dir / "checkpoints", self.state,
+                                              self.ema, self.config.keep_last)
+        return checkpoint.save_checkpoint(
+            self.accelerator, self.output_dir / "checkpoints", self.state, None, self.config.keep_last,
+            extra=lambda d: sharding.save_sharded(d / checkpoint.SHARDED, self.prepared, self._unwrapped_optimizers(),
+                                         self._phase_roots(), self.ema))
+
+    def _unwrapped_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {ph: _unwrapped(opt) for ph, opt in self.optimizers.items()}
+
+    def _phase_roots(self) -> dict[str, nn.Module]:
+        """Each phase's trained roles as one module (what ``get_optimizer_state_dict`` names the
+        optimizer's parameters from)."""
+        return {ph: nn.ModuleList(ms) for ph, ms in self.phase_modules.items()}
 
     def _resume_or_seed(self) -> None:
         from accelerate.utils import set_seed
@@ -338,18 +422,24 @@ class Trainer:
         path = checkpoint.resolve_resume(self.config.resume, self.output_dir)
         if path is None:
             set_seed(self.config.seed, device_specific=True)  # the algorithm's noise differs per process
-        else:
+        elif not self.sharded:
             self.state = checkpoint.load_checkpoint(self.accelerator, path, self.ema)
+        else:
+            self.state = checkpoint.load_checkpoint(
+                self.accelerator, path, None,
+                extra=lambda d: sharding.load_sharded(d / checkpoint.SHARDED, self.prepared, self._unwrapped_optimizers(),
+                                             self._phase_roots(), self.ema))
 
-    def _export(self, wall: float, start_step: int) -> None:
-        checkpoint.export_student(self.sampling_generator()[0], self.output_dir / "student")
+    def _export(self, student: nn.Module, wall: float, start_step: int) -> None:
+        checkpoint.export_student(student, self.output_dir / "student")
         final = {}  # per phase: the mean of its last 100 finite losses
         for phase in self.algorithm.phases:
             losses = [h["loss"] for h in self.state.history if h["phase"] == phase and math.isfinite(h["loss"])]
             final[phase] = sum(losses[-100:]) / len(losses[-100:]) if losses else None
         summary = {"iterations": self.state.step, "wall_s": round(wall, 2), "start_step": start_step,
                    "skipped_nonfinite": self.state.skipped_nonfinite, "final_loss": final,
-                   "num_processes": self.accelerator.num_processes, "global_batch_size": self.config.batch_size,
+                   "num_processes": self.accelerator.num_processes, "strategy": self.config.strategy,
+                   "global_batch_size": self.config.batch_size,
                    "mixed_precision": self.accelerator.mixed_precision, "ema": self.ema is not None}
         (self.output_dir / "train.json").write_text(json.dumps(summary, indent=2))
 
@@ -358,6 +448,22 @@ def _unwrapped(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """The torch optimizer inside accelerate's ``AcceleratedOptimizer`` (whose ``zero_grad`` also
     inspects the wrapped method's signature on every call)."""
     return getattr(opt, "optimizer", opt)
+
+
+def _value(norm: Tensor) -> float:
+    """A gradient norm as a float: a DTensor's (sharded gradients) is reduced over all ranks first."""
+    full = getattr(norm, "full_tensor", None)
+    return float(full() if full is not None else norm)
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(module: nn.Module):
+    """FSDP2's no_sync: gradients accumulate unreduced until the last micro-batch."""
+    module.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)
 
 
 def _clip_or_measure(params: list[nn.Parameter], max_norm: float | None) -> Tensor:

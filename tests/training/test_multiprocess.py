@@ -70,3 +70,33 @@ def test_two_cpu_processes_train_what_one_process_trains(tmp_path):
     # the run really trained (so equality is not two untouched copies)
     generator = [h["loss"] for h in one["history"] if h["phase"] == "generator"]
     assert generator[-1] < 0.8 * generator[0]
+
+
+def _torchrun_two() -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_port", str(_free_port())]
+
+
+def test_two_processes_with_fsdp_shard_and_train_what_one_ddp_process_trains(tmp_path):
+    """trainer.strategy=fsdp under torchrun (gloo, FSDP2 over two CPU processes): losses, weights (the
+    critic and generator gathered whole, the EMA student), and every step's global gradient norm equal
+    the one-process DDP run's; resuming from the sharded checkpoint ends the same way."""
+    one = _run([sys.executable], tmp_path / "one")
+    two = _run(_torchrun_two(), tmp_path / "two", "none", "fsdp")
+    assert two["num_processes"] == 2 and two["train"]["strategy"] == "fsdp"
+    _assert_same(one, two)
+    gaps = [abs(one["grad_norms"][s] - two["grad_norms"][s]) for s in one["grad_norms"]]
+    assert len(gaps) == 12 and max(gaps) <= TOLERANCE, gaps
+    gap = max((one["student"][k] - two["student"][k]).abs().max().item() for k in one["student"])
+    assert gap <= TOLERANCE
+    sharded = tmp_path / "two/run/checkpoints/checkpoint-6"
+    assert sorted(p.name for p in (sharded / "sharded").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    resumed = _run(_torchrun_two(), tmp_path / "resumed", str(sharded), "fsdp")
+    assert resumed["start_step"] == 6
+    _assert_same(one, resumed)
+    # a sharded checkpoint resumes only sharded (one line, non-zero exit)
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "ddp"), str(sharded)], capture_output=True,
+                          text=True, env=_env(), timeout=240)
+    assert proc.returncode != 0
+    assert "a sharded checkpoint (trainer.strategy=fsdp|hsdp) resumes only with a sharded strategy" in proc.stderr
+
