@@ -28,6 +28,9 @@ commands:
                 clip=CLIP_DIR [inception_path=FILE]                 COCO FID + CLIP score of a student
   bench         quality|speed|overhead|memory output_dir=DIR [dataset=toy2d|digits]
                                                                     JSON + markdown table + PNG plot
+  plan          experiment=E|backbone=B gpus=N gpu_memory=80GB [k=v ...] [out=plan.json]
+                                                                    per-GPU memory: does the job fit?
+  cache         data=... teacher.path=DIR out=DIR                   prompt embeddings (+ latents) once
 """
 
 
@@ -101,6 +104,8 @@ COMMANDS: dict[tuple[str, ...], Callable[[Sequence[str]], None]] = {
     ("bench", "speed"): _module_main("stepdistill.bench.speed"),
     ("bench", "overhead"): _module_main("stepdistill.bench.overhead"),
     ("bench", "memory"): _module_main("stepdistill.bench.memory"),
+    ("plan",): _module_main("stepdistill.commands.plan"),
+    ("cache",): _module_main("stepdistill.commands.cache"),
 }
 
 

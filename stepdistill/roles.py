@@ -2,12 +2,20 @@
 
 - ``Teacher``: frozen, eval mode, no grad; ``predict`` with classifier-free guidance.
 - ``Generator``: a 1..K-step sampler, initialised as a copy of a denoiser; returns x0.
-- ``Critic``: the fake-score denoiser (a trainable copy of the teacher's denoiser).
+- ``Critic``: the fake-score denoiser (a trainable copy of the teacher's denoiser, or LoRA adapters on it).
+
+A LoRA generator and a LoRA critic put their own named adapters (``lora.ADAPTER``,
+``lora.CRITIC_ADAPTER``) into the teacher's network: one copy of the base. Each role computes
+inside ``lora.active_adapter`` (the teacher with none, each other role with its own alone), and a
+role's parameters are its own: another role's adapter in the shared network is not among them
+(``SharedBaseRole``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -17,7 +25,7 @@ from stepdistill.denoisers.base import Denoiser
 from stepdistill.denoisers.guidance_embedding import add_guidance_embedding, embedding_dim
 from stepdistill.guidance import draw_scale, guided_predict, parse_scale
 from stepdistill.heads import DiscriminatorHead
-from stepdistill.lora import adapters_disabled, add_lora, has_lora
+from stepdistill.lora import ADAPTER, CRITIC_ADAPTER, active_adapter, adapter_of, add_lora, has_lora
 from stepdistill.sampling import ode_sample, renoise_sample
 from stepdistill.schedules import NoiseSchedule, Prediction
 
@@ -43,13 +51,24 @@ class Teacher(nn.Module):
     def train(self, mode: bool = True) -> Teacher:  # a teacher never leaves eval mode
         return super().train(False)
 
-    @torch.no_grad()
     def predict(self, x_t: Tensor, t: Tensor | float, cond: Conditioning, *,
-                out: Prediction = Prediction.X0, guidance_scale: float | Tensor | None = None) -> Tensor:
-        """The guided prediction in ``out`` at (x_t [B, ...], t [B], cond)."""
+                out: Prediction = Prediction.X0, guidance_scale: float | Tensor | None = None,
+                grad: bool = False) -> Tensor:
+        """The guided prediction in ``out`` at (x_t [B, ...], t [B], cond), computed by the base network
+        (LoRA roles sharing it have their adapters off). Without autograd unless ``grad`` (and grad
+        mode is on): then gradients flow to ``x_t`` (SiD's ``grad_through_scores``), never to the
+        frozen weights."""
         scale = draw_scale(self.guidance_scale if guidance_scale is None else guidance_scale, len(x_t), x_t.device)
-        with adapters_disabled(self.denoiser.backbone):  # a LoRA student shares this network
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()), active_adapter(self.denoiser.backbone, None):
             return guided_predict(self.denoiser, x_t, t, cond, scale, out=out)
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True,
+                         remove_duplicate: bool = True) -> Iterator[tuple[str, nn.Parameter]]:
+        """The teacher's own weights: LoRA adapters that roles injected into its network are theirs
+        (so ``teacher.requires_grad_(False)`` never freezes a LoRA generator or critic)."""
+        for name, p in super().named_parameters(prefix, recurse, remove_duplicate):
+            if adapter_of(name) is None:
+                yield name, p
 
     def base_parameters(self) -> list[nn.Parameter]:
         """The teacher's own weights (not a LoRA student's adapters injected into its network)."""
@@ -70,7 +89,44 @@ class Teacher(nn.Module):
         return steps * (1 if not isinstance(scale, tuple) and float(scale) == 1.0 else 2)
 
 
-class Generator(nn.Module):
+class SharedBaseRole(nn.Module):
+    """A trained role whose ``denoiser`` may be the teacher's own network with this role's LoRA adapter
+    ``lora_adapter`` in it (None: the role owns its network, a copy).
+
+    - ``adapter_selected()``: the context every forward of the role runs in (only its adapter on).
+    - ``named_parameters`` / ``parameters`` leave out another role's adapter in the shared network,
+      so an algorithm's ``parameters_of(phase)``, the trainer's phase lists, the EMA and the
+      gradient clipping see this role's parameters only (the frozen base is listed, as for any
+      frozen weight; ``state_dict`` keeps everything, so checkpoints restore the whole network).
+    - ``_ddp_params_and_buffers_to_ignore`` (read by torch's ``DistributedDataParallel`` when it
+      wraps the role): those other adapters, which the other role's wrapper synchronises.
+    """
+
+    lora_adapter: str | None = None
+    denoiser: Denoiser
+
+    def adapter_selected(self) -> contextlib.AbstractContextManager[None]:
+        """Within the block the shared network runs with this role's adapter alone (no-op for a copy)."""
+        if self.lora_adapter is None:
+            return contextlib.nullcontext()
+        return active_adapter(self.denoiser.backbone, self.lora_adapter)
+
+    def _foreign(self, name: str) -> bool:
+        owner = adapter_of(name)
+        return self.lora_adapter is not None and owner is not None and owner != self.lora_adapter
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True,
+                         remove_duplicate: bool = True) -> Iterator[tuple[str, nn.Parameter]]:
+        for name, p in super().named_parameters(prefix, recurse, remove_duplicate):
+            if not self._foreign(name):
+                yield name, p
+
+    @property
+    def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
+        return [name for name, _ in super().named_parameters() if self._foreign(name)]
+
+
+class Generator(SharedBaseRole):
     """A 1..K-step generator: ``forward(x_t, t, cond) -> x0``.
 
     Args:
@@ -95,9 +151,10 @@ class Generator(nn.Module):
                  timesteps: list[float] | None = None, training_timesteps: list[float] | None = None) -> None:
         super().__init__()
         if lora_rank:
-            if not has_lora(denoiser.backbone):
-                add_lora(denoiser.backbone, lora_rank, lora_alpha, lora_target_modules)
+            if not has_lora(denoiser.backbone, ADAPTER):
+                add_lora(denoiser.backbone, lora_rank, lora_alpha, lora_target_modules, adapter=ADAPTER)
             self.denoiser = denoiser
+            self.lora_adapter = ADAPTER
         else:
             self.denoiser = _trainable_copy(denoiser) if copy else denoiser
         self.steps = int(steps)
@@ -112,7 +169,8 @@ class Generator(nn.Module):
         return self.denoiser.schedule
 
     def forward(self, x_t: Tensor, t: Tensor | float, cond: Conditioning) -> Tensor:
-        return self.denoiser(x_t, t, cond, out=Prediction.X0)
+        with self.adapter_selected():
+            return self.denoiser(x_t, t, cond, out=Prediction.X0)
 
     def grid(self, steps: int | None = None) -> Tensor:
         """Start times of the K steps: ``timesteps`` for its own K, else evenly spaced from ``t_max``
@@ -207,7 +265,8 @@ class ConsistencyGenerator(Generator):
         t = t.expand(x_t.shape[0]) if t.dim() == 0 else t
         if self.guided and cond.guidance is None:
             cond = cond.with_guidance(self.guidance_scale)
-        x0 = self.denoiser(x_t, t, cond, out=Prediction.X0)
+        with self.adapter_selected():
+            x0 = self.denoiser(x_t, t, cond, out=Prediction.X0)
         c_skip, c_out = (c.reshape(-1, *([1] * (x_t.dim() - 1))) for c in self.boundary_scalings(t))
         return (c_skip * x_t.double() + c_out * x0.double()).to(x0.dtype)
 
@@ -290,19 +349,33 @@ class AdapterGenerator(Generator):
         return [p for p in self.adapters.parameters() if p.requires_grad]
 
 
-class Critic(nn.Module):
-    """The fake-score denoiser (a trainable copy of the teacher's) with an optional GAN head.
+class Critic(SharedBaseRole):
+    """The fake-score denoiser (a trainable copy of the teacher's, or LoRA adapters on the teacher's
+    own network) with an optional GAN head.
 
     Args:
-        denoiser: initial network (deep-copied unless ``copy=False``).
+        denoiser: initial network (deep-copied unless ``copy=False`` or LoRA is on).
         head: add a ``DiscriminatorHead`` on the denoiser's default features (DMD2's GAN).
         head_width: the head's hidden width (default: the feature width).
+        lora_rank: train a LoRA adapter of this rank (``lora.CRITIC_ADAPTER``) injected into
+            ``denoiser`` itself instead of a full copy: the base is shared with the teacher (which runs
+            with every adapter off) and with a LoRA generator (which runs with its own adapter alone).
+        lora_alpha: LoRA scale numerator (scale = alpha / rank; default: the rank).
+        lora_target_modules: module names (suffixes) or a regex that receive the critic's adapters.
     """
 
     def __init__(self, denoiser: Denoiser, head: bool = False, head_width: int | None = None,
-                 copy: bool = True) -> None:
+                 copy: bool = True, lora_rank: int | None = None, lora_alpha: float | None = None,
+                 lora_target_modules: list[str] | str | None = None) -> None:
         super().__init__()
-        self.denoiser = _trainable_copy(denoiser) if copy else denoiser
+        if lora_rank:
+            if not has_lora(denoiser.backbone, CRITIC_ADAPTER):
+                add_lora(denoiser.backbone, lora_rank, lora_alpha, lora_target_modules, adapter=CRITIC_ADAPTER,
+                         key="critic")
+            self.denoiser = denoiser
+            self.lora_adapter = CRITIC_ADAPTER
+        else:
+            self.denoiser = _trainable_copy(denoiser) if copy else denoiser
         self.head = DiscriminatorHead(self.denoiser.feature_shape, head_width) if head else None
 
     def forward(self, x_t: Tensor, t: Tensor | float, cond: Conditioning, *,
@@ -310,7 +383,8 @@ class Critic(nn.Module):
         """The fake score in ``out``; with ``logits=True`` also the head's logits [B] from the same
         forward (features captured by a hook). Calls go through ``forward`` so DDP syncs them."""
         if not logits:
-            return self.denoiser(x_t, t, cond, out=out)
+            with self.adapter_selected():
+                return self.denoiser(x_t, t, cond, out=out)
         if self.head is None:
             raise ValueError("this critic has no discriminator head (build it with head=True)")
         name = self.denoiser.default_feature_modules[0]
@@ -319,14 +393,16 @@ class Critic(nn.Module):
         handle = module.register_forward_hook(
             lambda _m, _i, o: captured.append(o[0] if isinstance(o, (tuple, list)) else o))
         try:
-            pred = self.denoiser(x_t, t, cond, out=out)
+            with self.adapter_selected():
+                pred = self.denoiser(x_t, t, cond, out=out)
         finally:
             handle.remove()
         return pred, self.head(captured[0])
 
     def features(self, x_t: Tensor, t: Tensor | float, cond: Conditioning,
                  modules: list[str] | None = None) -> dict[str, Tensor]:
-        return self.denoiser.features(x_t, t, cond, modules)
+        with self.adapter_selected():
+            return self.denoiser.features(x_t, t, cond, modules)
 
 
 def step_grid(schedule: NoiseSchedule, steps: int, t_max: float = 1.0,

@@ -27,7 +27,7 @@ from stepdistill.algorithms.base import Batch, LossOutput, unwrap
 from stepdistill.algorithms.common import CriticGeneratorAlgorithm
 from stepdistill.conditioning import Conditioning
 from stepdistill.errors import StepdistillError
-from stepdistill.guidance import cfg, draw_scale, guided_predict, parse_scale
+from stepdistill.guidance import cfg, parse_scale
 from stepdistill.losses import (
     denoising_loss,
     gan_discriminator_loss,
@@ -134,9 +134,8 @@ class SiD(CriticGeneratorAlgorithm):
         grad w.r.t. x_t (their parameters stay out of the graph: the teacher is frozen, the critic
         is not in this phase's trainable set); otherwise they see ``x_t.detach()`` without grad."""
         cond_f = self.critic_condition(cond)
-        if self.grad_through_scores:
-            scale = draw_scale(self.guidance_teacher, len(x_t), x_t.device)  # a range: random-scale CFG
-            y_real = guided_predict(self.teacher.denoiser, x_t, t, cond, scale)
+        if self.grad_through_scores:  # the teacher's own call (base network, adapters off), with autograd
+            y_real = self.teacher.predict(x_t, t, cond, guidance_scale=self.guidance_teacher, grad=True)
             y_fake, lg = self._critic_predict(x_t, t, cond_f, self.guidance_eval_critic, logits=logits)
             return y_real, y_fake, lg
         with torch.no_grad():

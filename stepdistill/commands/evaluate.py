@@ -26,6 +26,7 @@ def evaluate_run(run_dir: Path, generator, cfg, *, steps: int | None = None, num
                  noise_seeds: Sequence[int] | None = None) -> dict:
     """Evaluate ``generator`` (the run's student) and write metrics.json and report.md into ``run_dir``."""
     from stepdistill.commands.teacher import build_task
+    from stepdistill.commands.train import teacher_dtype
     from stepdistill.denoisers.loading import load_denoiser
     from stepdistill.eval.run_eval import evaluate_student
     from stepdistill.eval.run_report import write_metrics, write_report
@@ -35,7 +36,7 @@ def evaluate_run(run_dir: Path, generator, cfg, *, steps: int | None = None, num
     if getattr(task, "primary_metric", None) is None:
         raise StepdistillError(f"the {task.name!r} task has no metrics of its own: nothing to evaluate "
                                "(sample with `stepdistill sample run=DIR`)")
-    teacher = Teacher(load_denoiser(cfg.teacher.path), cfg.teacher.guidance_scale)
+    teacher = Teacher(load_denoiser(cfg.teacher.path, dtype=teacher_dtype(cfg)), cfg.teacher.guidance_scale)
     scale = cfg.algorithm.get("guidance_scale") if cfg.get("algorithm") else None
     result = evaluate_student(generator, teacher, task, steps=steps or generator.steps,
                               teacher_steps=teacher_steps, guidance_scale=scale, num_samples=num_samples,

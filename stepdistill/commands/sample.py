@@ -31,6 +31,7 @@ from torch import Tensor
 
 from stepdistill.conditioning import Conditioning
 from stepdistill.errors import StepdistillError
+from stepdistill.kernels.attention import set_run_attention
 
 MARKER = "samples.json"
 KEYS: dict[str, str] = {"run": "str", "steps": "int", "num_images": "int", "seed": "int", "out": "str",
@@ -86,6 +87,7 @@ def run(overrides: Sequence[str]) -> Path:
     previous = _prepare(out, names, bool(args.get("overwrite", False)))
     device = args.get("device", "cpu")
     generator = student.generator.to(device)
+    set_run_attention(generator, student.config.get("trainer"), device)  # trainer.attention
     seed = int(args.get("seed", 0))
     if "hybrid_teacher_steps" in args:
         x0, hybrid = _hybrid_samples(student, cond, num, steps, seed, args, device)
@@ -113,6 +115,7 @@ def _hybrid_samples(student, cond: Conditioning, num: int, steps: int, seed: int
     k = check_teacher_steps(args["hybrid_teacher_steps"], TEACHER_GRID_STEPS)
     plan = hybrid_plan(student.generator, k, steps=steps, teacher_grid_steps=TEACHER_GRID_STEPS)
     teacher = run_teacher(student.config).to(device)
+    set_run_attention(teacher, student.config.get("trainer"), device)
     x0 = sample_hybrid(teacher, student.generator, cond, num, k, steps=steps, seed=seed,
                        batch_size=args.get("batch_size"), teacher_grid_steps=TEACHER_GRID_STEPS)
     schedule = student.generator.schedule

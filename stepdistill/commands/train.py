@@ -83,7 +83,11 @@ def compose_train(overrides: Sequence[str]) -> DictConfig:
     allowed = experiments(overrides)
     if chosen and chosen[-1] not in allowed:
         raise StepdistillError(f"unknown experiment {chosen[-1]!r}; allowed: {', '.join(allowed) or '(none)'}")
-    cfg = compose("train", overrides)
+    try:
+        cfg = compose("train", overrides)
+    except StepdistillError:
+        _check_critic_overrides(overrides)
+        raise
     if cfg.algorithm is None:
         raise StepdistillError(f"choose an experiment: experiment=<dataset>/<name>; allowed: "
                                f"{', '.join(allowed) or '(none)'}")
@@ -102,6 +106,7 @@ def train(cfg: DictConfig) -> TrainResult:
     instantiate(cfg.optim), instantiate(cfg.logger)  # their mistakes are reported before anything is built
     out = check_output_dir(cfg.output_dir, cfg.overwrite, trainer_cfg.resume)
     _require_teacher_path(cfg)
+    teacher_dtype(cfg)
     _require_metrics_if_evaluating(cfg)
     trainer = build_trainer(cfg, out)
     accelerator, task = trainer.accelerator, trainer.task
@@ -167,15 +172,68 @@ def training_batches(cfg: DictConfig, algorithm: Algorithm, task: Any, accelerat
 
 
 def build_algorithm(cfg: DictConfig, seed: int) -> Algorithm:
-    """teacher -> generator, critic (copies of the teacher's denoiser) -> algorithm."""
+    """teacher -> generator, critic (copies of the teacher's denoiser) -> algorithm. The teacher's
+    weights are cast to ``teacher.dtype`` after the fp32 copies are made; LoRA roles share its base."""
     torch.manual_seed(seed)  # any randomly initialised heads are the same on every process
     _require_teacher_path(cfg)
+    dtype = teacher_dtype(cfg)
     teacher = Teacher(load_denoiser(cfg.teacher.path), guidance_scale=cfg.teacher.guidance_scale)
     generator = instantiate(cfg.generator, denoiser=teacher.denoiser)
     roles: dict[str, Any] = {"teacher": teacher, "generator": generator}
     if cfg.critic is not None:
+        if "_target_" not in cfg.critic:  # e.g. +critic.lora_rank=4 where the experiment has no critic
+            raise StepdistillError(_no_critic_message(cfg, sorted(cfg.critic)))
         roles["critic"] = instantiate(cfg.critic, denoiser=teacher.denoiser)
+    cast_base_weights(teacher, dtype)
     return instantiate(cfg.algorithm, **roles)
+
+
+#: ``teacher.dtype`` values -> the dtype of the teacher's frozen weights
+TEACHER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def teacher_dtype(cfg: DictConfig) -> torch.dtype:
+    """``teacher.dtype`` (fp32 | bf16 | fp16; missing or null: fp32, as runs saved before the key)."""
+    value = cfg.teacher.get("dtype") or "fp32"
+    if value not in TEACHER_DTYPES:
+        raise StepdistillError(f"teacher.dtype={value!r} is not one of {', '.join(TEACHER_DTYPES)}: "
+                               "set teacher.dtype=bf16 (or fp16 / fp32)")
+    return TEACHER_DTYPES[value]
+
+
+@torch.no_grad()
+def cast_base_weights(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast ``module``'s floating-point weights and buffers to ``dtype`` in place (the same Parameter
+    objects), all but LoRA adapter weights (``.lora_`` names: trainable adapters on the teacher's base
+    stay fp32). bf16 halves the teacher's bytes (2 per parameter instead of 4)."""
+    for name, p in module.named_parameters():
+        if p.is_floating_point() and p.dtype != dtype and ".lora_" not in name:
+            p.data = p.data.to(dtype)
+    for sub_name, sub in module.named_modules():
+        for key, buffer in sub.named_buffers(recurse=False):
+            if buffer.is_floating_point() and buffer.dtype != dtype and "lora_" not in sub_name:
+                setattr(sub, key, buffer.to(dtype))
+    return module
+
+
+def _check_critic_overrides(overrides: Sequence[str]) -> None:
+    """When ``critic.*`` overrides were refused because the experiment has no critic, say so."""
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides if o.lstrip("+~").startswith("critic.")]
+    if not keys:
+        return
+    try:
+        cfg = compose("train", [o for o in overrides if not o.lstrip("+~").startswith("critic.")])
+    except StepdistillError:
+        return
+    if cfg.critic is None and cfg.algorithm is not None:
+        raise StepdistillError(_no_critic_message(cfg, [k.split(".", 1)[1] for k in keys]))
+
+
+def _no_critic_message(cfg: DictConfig, keys: Sequence[str]) -> str:
+    algorithm = str(cfg.algorithm.get("_target_", "?")).rsplit(".", 1)[-1]
+    given = ", ".join(f"critic.{k}" for k in keys)
+    return (f"{given} given, but {algorithm} trains no critic (critic is null in this experiment): "
+            "critic settings such as critic.lora_rank are for DMD2, f-distill and SiD; drop them")
 
 
 def _require_teacher_path(cfg: DictConfig) -> None:

@@ -4,7 +4,9 @@ The folder layout is the "imagefolder" one that diffusers' training scripts read
 (``--train_data_dir``): image files next to a ``metadata.jsonl`` with one JSON object per line,
 ``{"file_name": "0001.png", "text": "a red circle"}``. Images are read when drawn, centre-cropped to a
 square and resized to ``resolution``, as float tensors in [-1, 1]; the task
-encodes them with the teacher's VAE (``VaeLatents``) into the latents the denoisers see.
+encodes them with the teacher's VAE (``VaeLatents``) into the latents the denoisers see. With
+``cache=DIR`` (written by ``stepdistill cache``) the latents and the captions' embeddings come from the
+cache instead: no image is read, and neither the VAE nor the text encoders are loaded.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from stepdistill.data.text_cache import ConditioningCache
 from stepdistill.denoisers.loading import resolve_local_dir
 from stepdistill.errors import StepdistillError
 
@@ -26,10 +29,12 @@ class ImageCaptionData:
         folder: the directory holding ``metadata.jsonl`` and the images it names.
         resolution: side of the square images the VAE gets (the teacher's pixel size).
         caption_column, image_column: the metadata keys of the caption and of the file name.
+        cache: a ``stepdistill cache`` directory of these images' latents and captions' embeddings
+            (``stepdistill.data.text_cache``); None: read and encode them at every step.
     """
 
     def __init__(self, folder: str | None, resolution: int, caption_column: str = "text",
-                 image_column: str = "file_name") -> None:
+                 image_column: str = "file_name", cache: str | None = None) -> None:
         if folder is None:
             raise StepdistillError("data.folder is required: an imagefolder directory of captioned images "
                                    '(images + metadata.jsonl lines {"file_name": ..., "text": ...})')
@@ -43,20 +48,33 @@ class ImageCaptionData:
         if not rows or missing:
             raise StepdistillError(f"{str(meta)!r} has no rows with keys {caption_column!r} and {image_column!r}")
         self.prompts = [str(r[caption_column]) for r in rows]
-        self.files = [root / str(r[image_column]) for r in rows]
+        self.file_names = [str(r[image_column]) for r in rows]
+        self.files = [root / name for name in self.file_names]
         self.resolution = int(resolution)
         missing_files = [f for f in self.files if not f.is_file()]
         if missing_files:
             raise StepdistillError(f"image listed in metadata.jsonl not found: {str(missing_files[0])!r} "
                                    f"({len(missing_files)} missing)")
+        self.cache = None
+        if cache is not None:
+            self.cache = ConditioningCache(cache)
+            self.cache.check_rows(self.cache_rows(), f"the captioned images of data.folder={str(root)!r}")
+
+    def cache_rows(self) -> dict:
+        """What the cache's rows are made of: captions, file names and resolution (the images' bytes are
+        not hashed: edit an image in place and re-run ``stepdistill cache`` yourself)."""
+        return {"captions": self.prompts, "files": self.file_names, "resolution": self.resolution}
 
     def __len__(self) -> int:
         return len(self.prompts)
 
     def draw(self, n: int, generator: torch.Generator, rows: slice = slice(None)) -> tuple[list[str], Tensor]:
         """``n`` (caption, image [3, H, W] in [-1, 1]) pairs drawn uniformly with replacement; only
-        ``rows`` of them are returned (and read from disk)."""
+        ``rows`` of them are returned (and read from disk). With a cache, the images' cached VAE
+        latents [C, h, w] (float32) come instead of the pixels."""
         index = torch.randint(len(self.prompts), (n,), generator=generator).tolist()[rows]
+        if self.cache is not None:
+            return [self.prompts[i] for i in index], self.cache.read("latents", index)
         return [self.prompts[i] for i in index], torch.stack([self.image(i) for i in index])
 
     def image(self, i: int) -> Tensor:

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from stepdistill.conditioning import Conditioning
+from stepdistill.data.text_cache import ConditioningCache
 from stepdistill.denoisers.loading import resolve_local_dir
 from stepdistill.errors import StepdistillError
 
@@ -205,9 +206,13 @@ class PromptData:
     Args:
         file: path of the prompt file.
         prompts: the prompts themselves (instead of ``file``).
+        cache: a directory written by ``stepdistill cache`` for these prompts and the teacher's text
+            encoders (``stepdistill.data.text_cache``): the task then reads their embeddings from it and
+            never loads the encoders. None: the task encodes the drawn prompts at every step.
     """
 
-    def __init__(self, file: str | None = None, prompts: list[str] | None = None) -> None:
+    def __init__(self, file: str | None = None, prompts: list[str] | None = None,
+                 cache: str | None = None) -> None:
         if (file is None) == (prompts is None):
             raise StepdistillError("data needs exactly one of data.file=<prompts.txt> and data.prompts=[...]")
         if file is not None:
@@ -220,6 +225,15 @@ class PromptData:
         self.prompts = [str(p) for p in prompts or []]
         if not self.prompts:
             raise StepdistillError("the prompt list is empty: give at least one prompt")
+        self.cache = None
+        if cache is not None:
+            self.cache = ConditioningCache(cache)
+            self.cache.check_rows(self.cache_rows(), f"the prompts of data.file={file!r}" if file is not None
+                                  else "data.prompts")
+
+    def cache_rows(self) -> list[str]:
+        """What the cache's rows are made of (their hash ties a cache to this data)."""
+        return self.prompts
 
     def __len__(self) -> int:
         return len(self.prompts)

@@ -68,7 +68,9 @@ class Denoiser(nn.Module):
         return self.schedule.convert(pred, x_t, t, self.prediction, out).to(x_t.dtype)
 
     def _raw_guided(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
-        """``raw``, with ``cond.guidance`` fed to the guidance embedding when the backbone has one."""
+        """``raw``, with ``cond.guidance`` fed to the guidance embedding when the backbone has one;
+        ``x_t`` enters in the backbone's weight dtype (a bf16 / fp16 teacher, ``teacher.dtype``)."""
+        x_t = x_t.to(weight_dtype(self.backbone))
         if embedding_dim(self.backbone) is None:
             return self.raw(x_t, t, cond)
         if cond.guidance is None:
@@ -107,3 +109,12 @@ class Denoiser(nn.Module):
             for h in handles:
                 h.remove()
         return {n: found[n] for n in names}
+
+
+def weight_dtype(backbone: nn.Module) -> torch.dtype:
+    """The dtype of ``backbone``'s own floating-point weights (float32 when it has none); LoRA adapter
+    weights (``.lora_`` names: fp32 trainable adapters over a bf16 base) do not count."""
+    for name, p in backbone.named_parameters():
+        if p.is_floating_point() and ".lora_" not in name:
+            return p.dtype
+    return torch.float32

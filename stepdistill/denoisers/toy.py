@@ -4,7 +4,9 @@
 (``save_pretrained`` / ``from_pretrained``, safetensors) and ``load_denoiser`` finds it by its
 ``_class_name``. Its timestep is a float in the backbone's own range (0..1000 for flow schedules,
 0..999 for DDPM tables), embedded with diffusers' sinusoidal ``Timesteps`` as the UNets do.
-``ToyDenoiser`` puts it behind the common ``Denoiser`` interface.
+``ToyDenoiser`` puts it behind the common ``Denoiser`` interface. Like diffusers' models it supports
+``enable_gradient_checkpointing()`` (each residual block is recomputed in backward, through diffusers'
+non-reentrant ``torch.utils.checkpoint``).
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ class ToyMLP(ModelMixin, ConfigMixin):
         data_dim: dimension of the data (2 for the toy mixtures).
     """
 
+    _supports_gradient_checkpointing = True
+
     @register_to_config
     def __init__(self, num_classes: int = 4, hidden: int = 256, layers: int = 3,
                  time_embed_dim: int = 64, data_dim: int = 2) -> None:
@@ -75,6 +79,7 @@ class ToyMLP(ModelMixin, ConfigMixin):
         self.proj_in = nn.Linear(data_dim, hidden)
         self.blocks = nn.ModuleList([ToyBlock(hidden) for _ in range(layers)])
         self.proj_out = nn.Linear(hidden, data_dim)
+        self.gradient_checkpointing = False  # set by diffusers' enable_gradient_checkpointing()
 
     @property
     def null_class(self) -> int:
@@ -99,7 +104,10 @@ class ToyMLP(ModelMixin, ConfigMixin):
         emb = self.time_embedding(t_emb) + self.class_embedding(class_labels.to(sample.device).long())
         h = self.proj_in(sample.to(self.proj_in.weight.dtype))
         for block in self.blocks:
-            h = block(h, emb)
+            if torch.is_grad_enabled() and self.gradient_checkpointing:  # recompute in backward
+                h = self._gradient_checkpointing_func(block, h, emb)
+            else:
+                h = block(h, emb)
         out = self.proj_out(F.silu(h)).to(sample.dtype)
         return ToyMLPOutput(sample=out) if return_dict else (out,)
 

@@ -134,7 +134,8 @@ class PromptTask:
     Its training batches are ``Batch(cond=<the prompts' embeddings>, x0=None)`` for prompts alone
     (``PromptData``: data-free DMD2 / SiD), encoded as the teacher pipeline's ``encode_prompt`` does
     (``PromptEncoder``) on this process's device; with captioned images (``ImageCaptionData``: the GAN
-    terms, f-distill) ``x0`` holds the images encoded by the pipeline's VAE (``VaeLatents``). It has no
+    terms, f-distill) ``x0`` holds the images encoded by the pipeline's VAE (``VaeLatents``). With
+    ``data.cache`` (``stepdistill cache``) both come from the cache, and no encoder or VAE is loaded. It has no
     metrics of its own: FID / CLIP score on COCO-style prompt sets belong to the evaluation scripts,
     so its experiments set ``evaluate.enabled: false``; sample with ``stepdistill sample run=DIR``.
 
@@ -153,12 +154,15 @@ class PromptTask:
         from stepdistill.data.prompts import PromptEncoder
 
         self.data = data
-        self.encoder = PromptEncoder.from_pretrained(text_encoder)
         self.negative_prompt = str(negative_prompt)
+        cache = getattr(data, "cache", None)  # data.cache: `stepdistill cache`'s rows, no encoder loaded
+        self.encoder = (PromptEncoder.from_pretrained(text_encoder) if cache is None
+                        else cache.prompt_encoder(text_encoder, self.negative_prompt))
         self.latents = None
         if isinstance(data, ImageCaptionData):
             _check_resolution(data.resolution, text_encoder)
-            self.latents = VaeLatents.from_pretrained(text_encoder)
+            self.latents = (VaeLatents.from_pretrained(text_encoder) if cache is None
+                            else cache.latent_encoder(text_encoder))
         self._placed = False
 
     def train_batch(self, n: int, generator: torch.Generator, rows: slice = slice(None)):

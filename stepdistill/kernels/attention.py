@@ -11,6 +11,12 @@
 Shapes: q [B, H, N, d], k [B, H, M, d], v [B, H, M, d_v] -> [B, H, N, d_v] in q's dtype.
 ``mask`` broadcasts to [B, H, N, M]: boolean (True = attend, as SDPA) or an additive float bias
 (0 = attend, large negative = masked, as diffusers' ``prepare_attention_mask``).
+
+``set_model_attention(model, "sdpa" | "xformers", device)`` switches the attention layers of whole
+diffusers backbones (``trainer.attention``): diffusers' own processors for each backend
+(``AttnProcessor2_0`` / ``XFormersAttnProcessor``, their joint-attention twins for SD3-style
+transformers) or, for processors written against diffusers' attention dispatcher (Flux, Wan),
+their per-processor backend (``native`` / ``xformers``).
 """
 
 from __future__ import annotations
@@ -18,13 +24,18 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 from types import ModuleType
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+
+from stepdistill.errors import StepdistillError
 
 BACKENDS = ("auto", "sdpa", "xformers", "reference")
 XFORMERS_FIX = 'pip install -e ".[xformers]" on a CUDA machine'
+#: the backends a whole model's attention layers can be switched to (``set_model_attention``)
+MODEL_BACKENDS = ("sdpa", "xformers")
 
 
 # --------------------------------------------------------------------------- the definition
@@ -122,3 +133,90 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, backend: str = "auto") -> Tensor:
     """``softmax(q k^T / sqrt(d) + mask) v`` [B, H, N, d_v] with the chosen backend (module docstring)."""
     return KERNELS[resolve_backend(backend, q.device)](q, k, v, mask)
+
+
+# --------------------------------------------------------------------------- a model's attention layers
+def check_model_backend(backend: str, device: torch.device | str, key: str = "trainer.attention") -> str:
+    """``backend`` if a model on ``device`` can run it, else a one-line ``StepdistillError`` naming the fix
+    (``key`` is the setting the user gave: xformers needs the package and a CUDA device)."""
+    if backend not in MODEL_BACKENDS:
+        raise StepdistillError(f"{key}={backend!r}; allowed: {', '.join(MODEL_BACKENDS)}")
+    if backend == "xformers" and not xformers_available():
+        raise StepdistillError(f"{key}=xformers needs the xformers package on a CUDA machine: pip install xformers "
+                               f"(or pip install -e \".[xformers]\"), or set {key}=sdpa")
+    if backend == "xformers" and torch.device(device).type != "cuda":
+        raise StepdistillError(f"{key}=xformers needs a CUDA device (this run is on {torch.device(device)}); "
+                               f"set {key}=sdpa")
+    return backend
+
+
+def runnable_model_backend(backend: str, device: torch.device | str) -> str:
+    """``backend`` where a model on ``device`` can run it, else "sdpa" (sampling a run trained with
+    xformers on a machine without it: the same maths, another kernel)."""
+    try:
+        return check_model_backend(backend, device)
+    except StepdistillError:
+        return "sdpa"
+
+
+def set_run_attention(model: nn.Module, trainer_config: Any, device: torch.device | str) -> dict[str, str]:
+    """The attention backend a run trained with (``trainer_config["attention"]``, a mapping or None:
+    sdpa) on ``model``, where ``device`` can run it, else sdpa (``set_model_attention``)."""
+    backend = str((trainer_config or {}).get("attention", "sdpa"))
+    return set_model_attention(model, runnable_model_backend(backend, device), device)
+
+
+def _processor_classes(backend: str) -> dict[type, type]:
+    """diffusers' processor class -> its twin for ``backend`` (self-attention / cross-attention,
+    joint attention (SD3), added key / value projections (UnCLIP-style))."""
+    from diffusers.models import attention_processor as ap
+
+    families = [((ap.AttnProcessor, ap.AttnProcessor2_0, ap.XFormersAttnProcessor),
+                 ap.AttnProcessor2_0, ap.XFormersAttnProcessor),
+                ((ap.JointAttnProcessor2_0, ap.XFormersJointAttnProcessor),
+                 ap.JointAttnProcessor2_0, ap.XFormersJointAttnProcessor),
+                ((ap.AttnAddedKVProcessor, ap.AttnAddedKVProcessor2_0, ap.XFormersAttnAddedKVProcessor),
+                 ap.AttnAddedKVProcessor2_0, ap.XFormersAttnAddedKVProcessor)]
+    return {cls: (sdpa if backend == "sdpa" else xformers) for members, sdpa, xformers in families
+            for cls in members}
+
+
+def attention_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """diffusers' attention layers of ``model`` (``Attention`` and the newer ``AttentionModuleMixin``), by name."""
+    from diffusers.models.attention import AttentionModuleMixin
+    from diffusers.models.attention_processor import Attention
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, (Attention, AttentionModuleMixin))}
+
+
+def set_model_attention(model: nn.Module, backend: str, device: torch.device | str,
+                        key: str = "trainer.attention") -> dict[str, str]:
+    """Switch every diffusers attention layer of ``model`` to ``backend`` (sdpa | xformers).
+
+    Layers with one of diffusers' standard processors get that processor's ``backend`` twin
+    (``_processor_classes``); layers whose processor goes through diffusers' dispatcher
+    (``processor._attention_backend``) get the dispatcher's backend (``native`` is SDPA); any other
+    processor (custom ones: IP adapters, negative-prompt steering while it is installed) is kept.
+    A model without attention (the toy MLP, the digits UNet) is left as it is.
+
+    Returns:
+        layer name -> the processor it runs now (class name; ``Class[backend]`` for dispatched ones),
+        for the layers that were switched.
+    Raises:
+        StepdistillError: ``backend`` cannot run on ``device`` (``check_model_backend``).
+    """
+    check_model_backend(backend, device, key)
+    twins = _processor_classes(backend)
+    switched: dict[str, str] = {}
+    for name, layer in attention_layers(model).items():
+        processor = layer.processor
+        if type(processor) in twins:
+            if type(processor) is not twins[type(processor)]:
+                layer.set_processor(twins[type(processor)]())
+            switched[name] = type(layer.processor).__name__
+        elif hasattr(processor, "_attention_backend"):
+            from diffusers.models.attention_dispatch import AttentionBackendName
+
+            processor._attention_backend = AttentionBackendName("native" if backend == "sdpa" else "xformers")
+            switched[name] = f"{type(processor).__name__}[{processor._attention_backend.value}]"
+    return switched

@@ -3,10 +3,22 @@
 One ``OptimConfig`` holds the settings every phase shares; ``optim.<phase>.<key>`` overrides one
 key for one phase (``null`` keeps the shared value), so ``optim.critic.lr=1e-3`` gives the critic its
 own learning rate. The builders are plain functions so a config can point at them with ``_target_``.
+
+``optim.name``: ``adamw`` (``torch.optim.AdamW``) or ``adamw8bit``: torchao's ``AdamW8bit`` (the
+optional extra ``pip install 'stepdistill[8bit]'``), whose two moments are kept as 8-bit block-wise
+quantized tensors (Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization"; blocks of
+256 values, each with an fp32 scale): about 2 bytes per parameter instead of AdamW's 8, for tensors of
+at least 4096 values (smaller ones keep fp32 moments). Its update is AdamW's, computed in fp32 by a
+``torch.compile``d kernel (on a CPU that needs a C++ compiler; the first step compiles it for each
+parameter shape: about a minute for the first on 2 cores with a cold cache, seconds after), on CPU and
+CUDA, and it shards with FSDP2 (DTensor parameters). Its state round-trips through
+``accelerator.save_state`` / ``load_state`` like AdamW's.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -29,6 +41,7 @@ class PhaseOptim:
         warmup_steps: linear warmup length, in this phase's own optimizer updates.
         max_grad_norm: gradient clipping threshold (None or 0: no clipping; the norm is still
             computed for the non-finite guard and the logs).
+        name: the optimizer, one of ``OPTIMIZERS`` (``adamw8bit`` needs the ``8bit`` extra).
     """
 
     lr: float = 1e-4
@@ -37,8 +50,13 @@ class PhaseOptim:
     weight_decay: float = 0.01
     warmup_steps: int = 0
     max_grad_norm: float | None = 10.0
+    name: str = "adamw"
 
     def __post_init__(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise StepdistillError(f"optim.name={self.name!r} is not an optimizer; allowed: {', '.join(OPTIMIZERS)}")
+        if self.name == "adamw8bit" and importlib.util.find_spec("torchao") is None:
+            raise StepdistillError(MISSING_8BIT)
         betas = tuple(float(b) for b in self.betas)
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
             raise StepdistillError(f"optim.betas must be two numbers in [0, 1); got {list(self.betas)}")
@@ -49,6 +67,11 @@ class PhaseOptim:
         object.__setattr__(self, "betas", betas)
 
 
+#: ``optim.name`` values
+OPTIMIZERS = ("adamw", "adamw8bit")
+#: the error for ``optim.name=adamw8bit`` without torchao
+MISSING_8BIT = ("optim.name=adamw8bit needs torchao (the '8bit' extra): pip install 'stepdistill[8bit]' "
+                "(or pip install torchao), or set optim.name=adamw")
 SETTINGS = tuple(f.name for f in fields(PhaseOptim))
 
 
@@ -56,25 +79,27 @@ class OptimConfig:
     """Shared settings plus per-phase overrides (``optim.<phase>.<setting>``).
 
     Args:
-        lr, betas, eps, weight_decay, warmup_steps, max_grad_norm: the shared ``PhaseOptim``.
+        lr, betas, eps, weight_decay, warmup_steps, max_grad_norm, name: the shared ``PhaseOptim``.
         **phases: ``phase name -> {setting: value | None}``; None values keep the shared setting.
     """
 
     def __init__(self, lr: float = 1e-4, betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.01, warmup_steps: int = 0,
-                 max_grad_norm: float | None = 10.0, **phases: Mapping[str, Any] | None) -> None:
+                 max_grad_norm: float | None = 10.0, name: str = "adamw",
+                 **phases: Mapping[str, Any] | None) -> None:
         self.shared = PhaseOptim(float(lr), tuple(betas), float(eps), float(weight_decay),
-                                 int(warmup_steps), _norm(max_grad_norm))
+                                 int(warmup_steps), _norm(max_grad_norm), str(name))
         self.overrides: dict[str, dict[str, Any]] = {}
-        for name, node in phases.items():
+        for phase, node in phases.items():
             values = _plain(node) or {}
             if not isinstance(values, dict):
-                raise StepdistillError(f"optim.{name} must be a mapping of per-phase overrides "
+                raise StepdistillError(f"optim.{phase} must be a mapping of per-phase overrides "
                                        f"({', '.join(SETTINGS)}) or a shared setting; got {values!r}")
             unknown = [k for k in values if k not in SETTINGS]
             if unknown:
-                raise StepdistillError(f"unknown key 'optim.{name}.{unknown[0]}'; allowed: {', '.join(SETTINGS)}")
-            self.overrides[name] = {k: v for k, v in values.items() if v is not None}
+                raise StepdistillError(f"unknown key 'optim.{phase}.{unknown[0]}'; allowed: {', '.join(SETTINGS)}")
+            self.overrides[phase] = {k: v for k, v in values.items() if v is not None}
+            self.for_phase(phase)  # a bad per-phase value is reported when the config is read
 
     def for_phases(self, phases: Iterable[str]) -> dict[str, PhaseOptim]:
         """The settings of every phase; an override for a phase the algorithm lacks is an error."""
@@ -95,15 +120,35 @@ class OptimConfig:
                 values["warmup_steps"] = int(values["warmup_steps"])
         except (TypeError, ValueError) as e:
             raise StepdistillError(f"optim.{phase}: {e}") from None
+        if values.get("name", OPTIMIZERS[0]) not in OPTIMIZERS:
+            raise StepdistillError(f"optim.{phase}.name={values['name']!r} is not an optimizer; "
+                                   f"allowed: {', '.join(OPTIMIZERS)}")
         if "max_grad_norm" in values:
             values["max_grad_norm"] = _norm(values["max_grad_norm"])
         return replace(self.shared, **values)
 
 
-def build_optimizer(params: Sequence[torch.nn.Parameter], settings: PhaseOptim) -> torch.optim.AdamW:
-    """AdamW over ``params`` with ``settings``."""
-    return torch.optim.AdamW(params, lr=settings.lr, betas=settings.betas, eps=settings.eps,
-                             weight_decay=settings.weight_decay)
+def build_optimizer(params: Sequence[torch.nn.Parameter], settings: PhaseOptim) -> torch.optim.Optimizer:
+    """``settings.name`` over ``params``: ``torch.optim.AdamW``, or torchao's ``AdamW8bit`` (its
+    learning rate is a 0-dim tensor, which the LR schedule updates in place)."""
+    cls = adamw8bit_class() if settings.name == "adamw8bit" else torch.optim.AdamW
+    return cls(params, lr=settings.lr, betas=settings.betas, eps=settings.eps, weight_decay=settings.weight_decay)
+
+
+def adamw8bit_class() -> type[torch.optim.Optimizer]:
+    """torchao's ``AdamW8bit``, or a one-line error naming the install command. torchao's import logs
+    a warning for each of its CUDA kernel libraries that does not load (any CPU machine); the
+    optimizer needs none of them, so those warnings are silenced for the import."""
+    log = logging.getLogger("torchao")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from torchao.optim import AdamW8bit
+    except ImportError:
+        raise StepdistillError(MISSING_8BIT) from None
+    finally:
+        log.setLevel(level)
+    return AdamW8bit
 
 
 def build_schedule(optimizer: torch.optim.Optimizer, settings: PhaseOptim) -> torch.optim.lr_scheduler.LambdaLR:

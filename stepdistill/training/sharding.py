@@ -2,10 +2,12 @@
 
 - Each trained role (generator, critic, discriminator heads) is sharded per block: every submodule
   whose class a backbone lists in ``_no_split_modules`` (diffusers' own list: e.g. SDXL's
-  ``BasicTransformerBlock``, ``ResnetBlock2D``, ...), bottom-up, then each backbone, then each
-  remaining child that holds parameters, then the role itself. Each backbone is an FSDP unit of its
-  own, so any call path into it (the role's forward, a teacher sharing a LoRA student's base)
-  gathers what it needs; no process ever runs an inner module on shards.
+  ``BasicTransformerBlock``, ``ResnetBlock2D``, ...), bottom-up, then each backbone, then each child
+  of the role that still holds unsharded parameters (its heads). Each backbone is an FSDP root of its
+  own, so any call path into it (the role's forward, a teacher sharing a LoRA student's base) gathers
+  what it needs; no process ever runs an inner module on shards. Blocks free their gathered weights
+  after their forward; a backbone's own (embeddings, in / out layers) and a head's stay gathered until
+  the backward (``shard``).
 - ``fsdp`` shards over every process (a 1-D mesh); ``hsdp`` over the processes of a node and
   replicates across nodes (a 2-D mesh: ``(replicate, shard)``, shard = ``LOCAL_WORLD_SIZE``).
 - The teacher is sharded the same way (``teacher_placement=shard``) or left whole on every process.
@@ -19,9 +21,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +41,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from stepdistill.errors import StepdistillError
@@ -80,23 +84,51 @@ def block_classes(module: nn.Module) -> set[str]:
 
 def shard(role: nn.Module, mesh, policy=None, done: set[int] | None = None) -> int:
     """``fully_shard`` a role per block (see the module docstring); modules in ``done`` (shared
-    with a role sharded before, e.g. a LoRA student's base) are skipped. Returns the number of units."""
+    with a role sharded before, e.g. a LoRA student's base) are skipped. Returns the number of units.
+
+    The role itself is not a unit: each backbone is its own FSDP root, so a teacher that runs a LoRA
+    student's shared base directly and the student's own forward gather the same units alike. The
+    role's other parameters (a discriminator head) go to a unit per child that holds them.
+    """
     done = set() if done is None else done
     kwargs = {"mesh": mesh} | ({"mp_policy": policy} if policy is not None else {})
     blocks = block_classes(role)
-    units = []
-    for m in reversed(list(role.modules())):  # post-order: inner blocks before the ones holding them
-        if type(m).__name__ in blocks or hasattr(m, "_no_split_modules"):
-            units.append(m)
-    units += [c for c in role.children() if _holds_parameters(c)] + [role]
     count = 0
-    for m in units:
-        if id(m) in done or not _holds_parameters(m):
-            continue
-        fully_shard(m, **kwargs)
-        done.add(id(m))
-        count += 1
+    for m in reversed(list(role.modules())):  # post-order: inner blocks before the ones holding them
+        if id(m) not in done and (type(m).__name__ in blocks or hasattr(m, "_no_split_modules")):
+            # a block frees its gathered weights after its forward; a backbone keeps its own (embeddings,
+            # in / out layers) until its backward: an output such as the GAN head's features leaves the
+            # backbone before its last layer, and a backward from there never passes the backbone's output
+            fully_shard(m, reshard_after_forward=type(m).__name__ in blocks, **kwargs)
+            done.add(id(m))
+            count += 1
+    for child in role.children():
+        if id(child) not in done and any(not isinstance(p, DTensor) for p in child.parameters()):
+            fully_shard(child, reshard_after_forward=False, **kwargs)
+            done.add(id(child))
+            count += 1
     return count
+
+
+@contextlib.contextmanager
+def no_sync(module: nn.Module) -> Iterator[None]:
+    """FSDP2's no_sync for a role: gradients accumulate unreduced in every unit until the block exits."""
+    units = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    for m in units:
+        m.set_requires_gradient_sync(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in units:
+            m.set_requires_gradient_sync(True, recurse=False)
+
+
+def reshard(module: nn.Module) -> None:
+    """Free every gathered parameter of a sharded module (between phases: the next gather then takes
+    each parameter's current ``requires_grad``)."""
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 def _holds_parameters(module: nn.Module) -> bool:

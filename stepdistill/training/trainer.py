@@ -37,6 +37,7 @@ from stepdistill.training.callbacks import (
 )
 from stepdistill.training.checkpoint import TrainerState
 from stepdistill.training.ema import EMA
+from stepdistill.training.memory import apply_memory_switches
 from stepdistill.training.optim import OptimConfig, build_optimizer, build_schedule
 from stepdistill.training.settings import TrainerConfig, build_accelerator
 
@@ -95,10 +96,12 @@ class Trainer:
         self.accelerator = accelerator or build_accelerator(config, self.logger, self.output_dir)
         self._check_batch_size()
         self.sharded = config.strategy != "ddp"
+        self.mesh_shape: list[int] | None = None  # sharded: (processes,) or (nodes, processes per node)
         _phase_parameters(algorithm)  # freezes what no phase trains, before any sharding
         self.settings = optim.for_phases(algorithm.phases)
         algorithm.teacher.eval().requires_grad_(False)
         algorithm.to(self.accelerator.device)
+        self.memory = apply_memory_switches(algorithm, config, self.accelerator.device)  # training.memory
         self.skeletons = self._shard() if self.sharded else {}
         self.phase_params = _phase_parameters(algorithm)  # the live (after FSDP: sharded) parameters
         generator_ids = {id(p) for p in unwrap(algorithm.generator).parameters()}
@@ -128,6 +131,7 @@ class Trainer:
             raise StepdistillError(f"trainer.strategy={self.config.strategy} trains in bf16 or fp32: set "
                                    "trainer.mixed_precision=bf16 (or no)")
         mesh = sharding.device_mesh(self.config.strategy, self.accelerator.device)
+        self.mesh_shape = list(mesh.shape)
         policy = sharding.mixed_precision_policy(self.accelerator.mixed_precision)
         roles = {"generator": unwrap(self.algorithm.generator), **self.algorithm.modules_to_prepare()}
         skeletons = {name: sharding.skeleton(module) for name, module in roles.items()}
@@ -245,6 +249,9 @@ class Trainer:
         if self._trainable_phase == phase:
             return
         self._trainable_phase = phase
+        if self.sharded:  # gathered weights keep the requires_grad they were gathered with
+            for module in self.prepared.values():
+                sharding.reshard(module)
         for params in self.phase_params.values():
             for p in params:
                 p.requires_grad_(False)
@@ -265,7 +272,7 @@ class Trainer:
         stack = contextlib.ExitStack()
         if not last:
             for module in self.phase_modules[phase]:
-                stack.enter_context(_fsdp_no_sync(module) if self.sharded else self.accelerator.no_sync(module))
+                stack.enter_context(sharding.no_sync(module) if self.sharded else self.accelerator.no_sync(module))
         return stack
 
     def _account(self, record: StepRecord) -> StepRecord:
@@ -439,6 +446,7 @@ class Trainer:
         summary = {"iterations": self.state.step, "wall_s": round(wall, 2), "start_step": start_step,
                    "skipped_nonfinite": self.state.skipped_nonfinite, "final_loss": final,
                    "num_processes": self.accelerator.num_processes, "strategy": self.config.strategy,
+                   "mesh": self.mesh_shape,
                    "global_batch_size": self.config.batch_size,
                    "mixed_precision": self.accelerator.mixed_precision, "ema": self.ema is not None}
         (self.output_dir / "train.json").write_text(json.dumps(summary, indent=2))
@@ -454,16 +462,6 @@ def _value(norm: Tensor) -> float:
     """A gradient norm as a float: a DTensor's (sharded gradients) is reduced over all ranks first."""
     full = getattr(norm, "full_tensor", None)
     return float(full() if full is not None else norm)
-
-
-@contextlib.contextmanager
-def _fsdp_no_sync(module: nn.Module):
-    """FSDP2's no_sync: gradients accumulate unreduced until the last micro-batch."""
-    module.set_requires_gradient_sync(False)
-    try:
-        yield
-    finally:
-        module.set_requires_gradient_sync(True)
 
 
 def _clip_or_measure(params: list[nn.Parameter], max_norm: float | None) -> Tensor:

@@ -100,3 +100,22 @@ def test_two_processes_with_fsdp_shard_and_train_what_one_ddp_process_trains(tmp
     assert proc.returncode != 0
     assert "a sharded checkpoint (trainer.strategy=fsdp|hsdp) resumes only with a sharded strategy" in proc.stderr
 
+
+
+def test_hsdp_over_two_nodes_replicates_and_trains_what_one_process_trains(tmp_path):
+    """trainer.strategy=hsdp launched as two nodes of one process each (two torchrun agents on this
+    machine): the mesh is (2 nodes, 1 process per node), each node a replica; same results as one
+    process."""
+    one = _run([sys.executable], tmp_path / "one")
+    port, out = str(_free_port()), tmp_path / "hsdp"
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank",
+                               str(rank), "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port",
+                               port, str(SCRIPT), str(out), "none", "hsdp"], env=_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in (0, 1)]
+    logs = [node.communicate(timeout=240)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    two = torch.load(out / "result.pt", weights_only=True)
+    assert (two["train"]["strategy"], two["train"]["mesh"], two["num_processes"]) == ("hsdp", [2, 1], 2)
+    _assert_same(one, two)
+    assert max(abs(one["grad_norms"][s] - two["grad_norms"][s]) for s in one["grad_norms"]) <= TOLERANCE
