@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install inception demo test lint clean
+.PHONY: install inception demo test test-serial lint clean
 
 install: $(VENV)/.installed
 
@@ -42,7 +42,11 @@ $(INCEPTION): | $(VENV)/.installed
 demo: install
 	$(BIN)/stepdistill demo output_dir=runs/demo
 
+# two workers (one torch thread each), the tests of a file on one worker (module fixtures run once)
 test: install inception
+	$(BIN)/python -m pytest tests -n 2 --dist loadfile
+
+test-serial: install inception
 	$(BIN)/python -m pytest tests
 
 lint: install

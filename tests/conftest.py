@@ -13,6 +13,9 @@ if "STEPDISTILL_CACHE" not in os.environ:  # never write into the user's cache f
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers on two cores: one thread each
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed():

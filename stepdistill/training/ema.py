@@ -6,6 +6,7 @@ import copy
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 
 class EMA(nn.Module):
@@ -27,7 +28,10 @@ class EMA(nn.Module):
         decay = self.decay if decay is None else float(decay)
         online = dict(model.named_parameters())
         for name, p in self.model.named_parameters():
-            p.lerp_(online[name].detach().to(p.dtype), 1.0 - decay)
+            value = online[name].detach()
+            if isinstance(value, DTensor):  # a sharded (FSDP) student: this copy stays whole
+                value = value.full_tensor()
+            p.lerp_(value.to(p.dtype), 1.0 - decay)
         online_buffers = dict(model.named_buffers())
         for name, b in self.model.named_buffers():
             b.copy_(online_buffers[name])

@@ -77,6 +77,9 @@ class TrainerConfig:
                              ("teacher_placement", TEACHER_PLACEMENTS), ("attention", ATTENTION)):
             if getattr(self, key) not in allowed:
                 raise StepdistillError(f"trainer.{key}={getattr(self, key)!r}; allowed: {', '.join(allowed)}")
+        if self.strategy != "ddp" and self.mixed_precision == "fp16":
+            raise StepdistillError(f"trainer.strategy={self.strategy} trains in bf16 or fp32: set "
+                                   "trainer.mixed_precision=bf16 (or no)")
         if self.teacher_placement == "shard" and self.strategy == "ddp":
             raise StepdistillError("trainer.teacher_placement=shard needs trainer.strategy=fsdp or hsdp; "
                                    "with ddp use replicate or offload")
@@ -100,6 +103,9 @@ def build_accelerator(config: TrainerConfig, logger: LoggerConfig, output_dir: P
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.utils import ProjectConfiguration
 
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") and config.strategy == "ddp":
+        raise StepdistillError("accelerate launch --use_fsdp does not shard stepdistill's roles: launch without "
+                               "--use_fsdp and set trainer.strategy=fsdp (or hsdp)")
     # Several launched processes without a GPU must ask for the CPU explicitly, or each one trains
     # alone (accelerate then starts no process group).
     launched = int(os.environ.get("WORLD_SIZE", "1"))

@@ -127,9 +127,6 @@ class Trainer:
         """FSDP2 (``trainer.strategy=fsdp|hsdp``): shard every trained role per block (and the teacher
         with ``teacher_placement=shard``); returns each role's skeleton (meta device), which
         ``sampling_generator`` and the end of ``fit`` fill with gathered weights."""
-        if self.accelerator.mixed_precision == "fp16":
-            raise StepdistillError(f"trainer.strategy={self.config.strategy} trains in bf16 or fp32: set "
-                                   "trainer.mixed_precision=bf16 (or no)")
         mesh = sharding.device_mesh(self.config.strategy, self.accelerator.device)
         self.mesh_shape = list(mesh.shape)
         policy = sharding.mixed_precision_policy(self.accelerator.mixed_precision)

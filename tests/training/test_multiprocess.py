@@ -80,7 +80,8 @@ def _torchrun_two() -> list[str]:
 def test_two_processes_with_fsdp_shard_and_train_what_one_ddp_process_trains(tmp_path):
     """trainer.strategy=fsdp under torchrun (gloo, FSDP2 over two CPU processes): losses, weights (the
     critic and generator gathered whole, the EMA student), and every step's global gradient norm equal
-    the one-process DDP run's; resuming from the sharded checkpoint ends the same way."""
+    the one-process DDP run's; resuming from the sharded checkpoint under accelerate launch ends the
+    same way."""
     one = _run([sys.executable], tmp_path / "one")
     two = _run(_torchrun_two(), tmp_path / "two", "none", "fsdp")
     assert two["num_processes"] == 2 and two["train"]["strategy"] == "fsdp"
@@ -91,7 +92,7 @@ def test_two_processes_with_fsdp_shard_and_train_what_one_ddp_process_trains(tmp
     assert gap <= TOLERANCE
     sharded = tmp_path / "two/run/checkpoints/checkpoint-6"
     assert sorted(p.name for p in (sharded / "sharded").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
-    resumed = _run(_torchrun_two(), tmp_path / "resumed", str(sharded), "fsdp")
+    resumed = _run(_launch_two(), tmp_path / "resumed", str(sharded), "fsdp")  # accelerate launch this time
     assert resumed["start_step"] == 6
     _assert_same(one, resumed)
     # a sharded checkpoint resumes only sharded (one line, non-zero exit)
