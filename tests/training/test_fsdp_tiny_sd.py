@@ -112,10 +112,15 @@ def test_resuming_from_a_sharded_checkpoint_continues_the_loss_trajectory(dmd2_r
         assert _close(a["loss"], b["loss"]) and _close(a["grad_norm"], b["grad_norm"]), (a, b)
 
 
-def test_lcm_lora_trains_sharded_as_ddp_does_and_exports(tmp_path):
-    """LCM-LoRA: the adapters and the base they share with the teacher in one sharded UNet."""
-    lora = ["experiment=tiny_sd/lcm_lora", "trainer.max_steps=2", "trainer.batch_size=4", "trainer.log_every=1",
-            "evaluate.enabled=false"]
+@pytest.mark.parametrize("experiment,extra", [
+    ("tiny_sd/lcm_lora", []),
+    ("tiny_sd/dmd2_lora", ["algorithm.critic_updates_per_generator_update=1"]),
+])
+def test_lora_roles_on_one_sharded_base_train_as_ddp_does_and_export(tmp_path, experiment, extra):
+    """LCM-LoRA (the student's adapters and the teacher in one sharded UNet) and DMD2 with a LoRA
+    generator and a LoRA critic (two adapters and the teacher on one sharded base)."""
+    lora = [f"experiment={experiment}", "trainer.max_steps=2", "trainer.batch_size=4", "trainer.log_every=1",
+            "evaluate.enabled=false", *extra]
     run = tmp_path / "fsdp"
     fsdp = _train(run, tmp_path / "cache", *lora, "trainer.strategy=fsdp")
     ddp = _train(tmp_path / "ddp", tmp_path / "cache", *lora)
@@ -125,4 +130,7 @@ def test_lcm_lora_trains_sharded_as_ddp_does_and_exports(tmp_path):
     from stepdistill.cli import main
 
     assert main(["export", f"run={run}", "format=lora", f"out={tmp_path / 'lora'}"]) == 0
-    assert (tmp_path / "lora" / "stepdistill_export.json").is_file()
+    exported = load_file(tmp_path / "lora" / "pytorch_lora_weights.safetensors")
+    reference = load_file(tmp_path / "ddp" / "student" / "lora" / "pytorch_lora_weights.safetensors")
+    assert exported.keys() == reference.keys() and not any("critic" in k for k in exported)
+    assert max((exported[k] - reference[k]).abs().max().item() for k in exported) <= ATOL

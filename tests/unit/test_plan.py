@@ -17,7 +17,7 @@ from stepdistill.commands.plan import plan
 from stepdistill.planner.estimate import GB, Job, estimate
 from stepdistill.planner.presets import PRESETS, Component
 from stepdistill.planner.stack import MetaStack, build, parameter_count, preset_stack
-from stepdistill.planner.table import DOC, generated_part, memory_tables
+from stepdistill.planner.table import DOC, README, generated_part, memory_tables
 from stepdistill.tiny_stacks import tiny_stack_dir
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -175,8 +175,10 @@ def test_bad_input_is_one_line_and_exit_2(case, capsys):
     assert len(err) == 1 and err[0].startswith("stepdistill: error: ") and message in err[0], err
 
 
-def test_docs_memory_table_is_the_generated_one():
-    assert generated_part(DOC.read_text()) == memory_tables(), "run: python -m stepdistill.planner.table"
+def test_docs_memory_and_readme_tables_are_the_generated_one():
+    tables = memory_tables()
+    for page in (DOC, README):
+        assert generated_part(page.read_text()) == tables, "run: python -m stepdistill.planner.table"
 
 
 # --------------------------------------------------------------------------- against a measured peak
