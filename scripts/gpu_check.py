@@ -33,10 +33,15 @@ import torch
 
 from stepdistill.algorithms.base import Batch
 from stepdistill.commands.plan import plan
-from stepdistill.commands.train import cast_base_weights, teacher_dtype
 from stepdistill.conditioning import Conditioning
 from stepdistill.config import instantiate
-from stepdistill.denoisers.loading import load_schedule, schedule_from_config, wrap_backbone
+from stepdistill.denoisers.loading import (
+    cast_base_weights,
+    load_schedule,
+    schedule_from_config,
+    teacher_dtype,
+    wrap_backbone,
+)
 from stepdistill.planner.config import PlanArgs, compose_job_config, split_args
 from stepdistill.planner.presets import Component, preset
 from stepdistill.planner.stack import MetaStack

@@ -60,6 +60,57 @@ def compose(name: str, overrides: Sequence[str] = ()) -> DictConfig:
     return cfg
 
 
+def experiments(overrides: Sequence[str] = ()) -> list[str]:
+    """The experiments, as ``experiment=`` values (``<dataset>/<name>``): the shipped ones and those
+    in directories added with ``hydra.searchpath=[file://DIR]``."""
+    roots = [configs_dir()] + [Path(p) for o in overrides if o.startswith("hydra.searchpath=")
+                               for p in re.findall(r"file://([^,\]'\"]+)", o)]
+    found = {str(p.relative_to(r / "experiment").with_suffix("")) for r in roots
+             for p in (r / "experiment").rglob("*.yaml")}
+    return sorted(found)
+
+
+def compose_train(overrides: Sequence[str]) -> DictConfig:
+    """Compose ``train.yaml`` with the chosen experiment; a missing or unknown one is a one-line error
+    listing the allowed ones (Hydra names none for a group whose default is null)."""
+    chosen = [o.split("=", 1)[1] for o in overrides if o.startswith("experiment=")]
+    allowed = experiments(overrides)
+    if chosen and chosen[-1] not in allowed:
+        raise StepdistillError(f"unknown experiment {chosen[-1]!r}; allowed: {', '.join(allowed) or '(none)'}")
+    try:
+        cfg = compose("train", overrides)
+    except StepdistillError:
+        _check_critic_overrides(overrides)
+        raise
+    if cfg.algorithm is None:
+        raise StepdistillError(f"choose an experiment: experiment=<dataset>/<name>; allowed: "
+                               f"{', '.join(allowed) or '(none)'}")
+    if cfg.experiment_name is None and chosen:
+        cfg.experiment_name = chosen[-1]
+    return cfg
+
+
+def _check_critic_overrides(overrides: Sequence[str]) -> None:
+    """When ``critic.*`` overrides were refused because the experiment has no critic, say so."""
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides if o.lstrip("+~").startswith("critic.")]
+    if not keys:
+        return
+    try:
+        cfg = compose("train", [o for o in overrides if not o.lstrip("+~").startswith("critic.")])
+    except StepdistillError:
+        return
+    if cfg.critic is None and cfg.algorithm is not None:
+        raise StepdistillError(no_critic_message(cfg, [k.split(".", 1)[1] for k in keys]))
+
+
+def no_critic_message(cfg: DictConfig, keys: Sequence[str]) -> str:
+    """The error for ``critic.<key>`` settings given to an experiment whose algorithm trains no critic."""
+    algorithm = str(cfg.algorithm.get("_target_", "?")).rsplit(".", 1)[-1]
+    given = ", ".join(f"critic.{k}" for k in keys)
+    return (f"{given} given, but {algorithm} trains no critic (critic is null in this experiment): "
+            "critic settings such as critic.lora_rank are for DMD2, f-distill and SiD; drop them")
+
+
 def _one_line(e: Exception) -> str:
     """A readable single line from Hydra / OmegaConf's multi-line messages."""
     text = str(e).strip()

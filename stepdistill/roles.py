@@ -71,8 +71,9 @@ class Teacher(nn.Module):
                 yield name, p
 
     def base_parameters(self) -> list[nn.Parameter]:
-        """The teacher's own weights (not a LoRA student's adapters injected into its network)."""
-        return [p for n, p in self.named_parameters() if ".lora_" not in n]
+        """The teacher's own weights (not a LoRA student's adapters injected into its network:
+        ``named_parameters`` leaves those out)."""
+        return [p for _, p in self.named_parameters()]
 
     @torch.no_grad()
     def sample(self, noise: Tensor, cond: Conditioning, steps: int, *,

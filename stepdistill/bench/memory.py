@@ -61,7 +61,7 @@ COLUMNS_CUDA = [*COLUMNS_CPU[:-3], "cuda_baseline_mib", "cuda_peak_mib", "peak_r
 
 def run(overrides: Sequence[str]) -> Path:
     """Measure every experiment in a child process; write bench_memory.json / .md / .png."""
-    from stepdistill.commands.train import experiments as known_experiments
+    from stepdistill.config import experiments as known_experiments
 
     args = parse_bench_args(overrides, KEYS, "memory")
     dataset = args.get("dataset", "digits")

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from stepdistill.commands.sample import parse_args
+from stepdistill.denoisers.loading import load_denoiser, teacher_dtype
 from stepdistill.errors import StepdistillError
 
 KEYS = {"run": "str", "steps": "int", "num_samples": "int", "teacher_steps": "int", "batch_size": "int",
@@ -26,8 +27,6 @@ def evaluate_run(run_dir: Path, generator, cfg, *, steps: int | None = None, num
                  noise_seeds: Sequence[int] | None = None) -> dict:
     """Evaluate ``generator`` (the run's student) and write metrics.json and report.md into ``run_dir``."""
     from stepdistill.commands.teacher import build_task
-    from stepdistill.commands.train import teacher_dtype
-    from stepdistill.denoisers.loading import load_denoiser
     from stepdistill.eval.run_eval import evaluate_student
     from stepdistill.eval.run_report import write_metrics, write_report
     from stepdistill.roles import Teacher

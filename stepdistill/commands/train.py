@@ -12,7 +12,6 @@ Run directory: ``config.yaml`` (resolved), ``checkpoints/checkpoint-<step>/``, `
 
 from __future__ import annotations
 
-import re
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,12 +24,13 @@ from torch import nn
 
 from stepdistill.algorithms.base import Algorithm
 from stepdistill.commands.teacher import build_task, resolved_yaml
-from stepdistill.config import compose, configs_dir, instantiate, to_container
-from stepdistill.denoisers.loading import load_denoiser
+from stepdistill.config import compose_train, instantiate, no_critic_message, to_container
+from stepdistill.denoisers.loading import cast_base_weights, load_denoiser, teacher_dtype
 from stepdistill.errors import StepdistillError
 from stepdistill.roles import Teacher
 from stepdistill.training import checkpoint
 from stepdistill.training.settings import TrainerConfig, build_accelerator
+from stepdistill.training.sharding import check_shardable
 from stepdistill.training.trainer import TaskBatches, Trainer
 
 #: what a run writes; overwrite=true deletes these (and nothing else) when training starts
@@ -64,36 +64,6 @@ class TrainResult:
     history: list[dict[str, Any]]
     output_dir: Path
     skipped_nonfinite: int
-
-
-def experiments(overrides: Sequence[str] = ()) -> list[str]:
-    """The experiments, as ``experiment=`` values (``<dataset>/<name>``): the shipped ones and those
-    in directories added with ``hydra.searchpath=[file://DIR]``."""
-    roots = [configs_dir()] + [Path(p) for o in overrides if o.startswith("hydra.searchpath=")
-                               for p in re.findall(r"file://([^,\]'\"]+)", o)]
-    found = {str(p.relative_to(r / "experiment").with_suffix("")) for r in roots
-             for p in (r / "experiment").rglob("*.yaml")}
-    return sorted(found)
-
-
-def compose_train(overrides: Sequence[str]) -> DictConfig:
-    """Compose ``train.yaml`` with the chosen experiment; a missing or unknown one is a one-line error
-    listing the allowed ones (Hydra names none for a group whose default is null)."""
-    chosen = [o.split("=", 1)[1] for o in overrides if o.startswith("experiment=")]
-    allowed = experiments(overrides)
-    if chosen and chosen[-1] not in allowed:
-        raise StepdistillError(f"unknown experiment {chosen[-1]!r}; allowed: {', '.join(allowed) or '(none)'}")
-    try:
-        cfg = compose("train", overrides)
-    except StepdistillError:
-        _check_critic_overrides(overrides)
-        raise
-    if cfg.algorithm is None:
-        raise StepdistillError(f"choose an experiment: experiment=<dataset>/<name>; allowed: "
-                               f"{', '.join(allowed) or '(none)'}")
-    if cfg.experiment_name is None and chosen:
-        cfg.experiment_name = chosen[-1]
-    return cfg
 
 
 def run(overrides: Sequence[str]) -> TrainResult:
@@ -136,6 +106,7 @@ def build_trainer(cfg: DictConfig, out: Path, *, logger: Any = None) -> Trainer:
     logger = logger if logger is not None else instantiate(cfg.logger)
     task = build_task(cfg)
     algorithm = build_algorithm(cfg, trainer_cfg.seed)
+    check_shardable(algorithm.generator, trainer_cfg.strategy)  # before AGD's trajectories are collected
     accelerator = build_accelerator(trainer_cfg, logger, out)
     batches = training_batches(cfg, algorithm, task, accelerator, trainer_cfg.seed)
     return Trainer(algorithm, batches, trainer_cfg, instantiate(cfg.optim), out, logger=logger, task=task,
@@ -182,58 +153,10 @@ def build_algorithm(cfg: DictConfig, seed: int) -> Algorithm:
     roles: dict[str, Any] = {"teacher": teacher, "generator": generator}
     if cfg.critic is not None:
         if "_target_" not in cfg.critic:  # e.g. +critic.lora_rank=4 where the experiment has no critic
-            raise StepdistillError(_no_critic_message(cfg, sorted(cfg.critic)))
+            raise StepdistillError(no_critic_message(cfg, sorted(cfg.critic)))
         roles["critic"] = instantiate(cfg.critic, denoiser=teacher.denoiser)
     cast_base_weights(teacher, dtype)
     return instantiate(cfg.algorithm, **roles)
-
-
-#: ``teacher.dtype`` values -> the dtype of the teacher's frozen weights
-TEACHER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def teacher_dtype(cfg: DictConfig) -> torch.dtype:
-    """``teacher.dtype`` (fp32 | bf16 | fp16; missing or null: fp32, as runs saved before the key)."""
-    value = cfg.teacher.get("dtype") or "fp32"
-    if value not in TEACHER_DTYPES:
-        raise StepdistillError(f"teacher.dtype={value!r} is not one of {', '.join(TEACHER_DTYPES)}: "
-                               "set teacher.dtype=bf16 (or fp16 / fp32)")
-    return TEACHER_DTYPES[value]
-
-
-@torch.no_grad()
-def cast_base_weights(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Cast ``module``'s floating-point weights and buffers to ``dtype`` in place (the same Parameter
-    objects), all but LoRA adapter weights (``.lora_`` names: trainable adapters on the teacher's base
-    stay fp32). bf16 halves the teacher's bytes (2 per parameter instead of 4)."""
-    for name, p in module.named_parameters():
-        if p.is_floating_point() and p.dtype != dtype and ".lora_" not in name:
-            p.data = p.data.to(dtype)
-    for sub_name, sub in module.named_modules():
-        for key, buffer in sub.named_buffers(recurse=False):
-            if buffer.is_floating_point() and buffer.dtype != dtype and "lora_" not in sub_name:
-                setattr(sub, key, buffer.to(dtype))
-    return module
-
-
-def _check_critic_overrides(overrides: Sequence[str]) -> None:
-    """When ``critic.*`` overrides were refused because the experiment has no critic, say so."""
-    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides if o.lstrip("+~").startswith("critic.")]
-    if not keys:
-        return
-    try:
-        cfg = compose("train", [o for o in overrides if not o.lstrip("+~").startswith("critic.")])
-    except StepdistillError:
-        return
-    if cfg.critic is None and cfg.algorithm is not None:
-        raise StepdistillError(_no_critic_message(cfg, [k.split(".", 1)[1] for k in keys]))
-
-
-def _no_critic_message(cfg: DictConfig, keys: Sequence[str]) -> str:
-    algorithm = str(cfg.algorithm.get("_target_", "?")).rsplit(".", 1)[-1]
-    given = ", ".join(f"critic.{k}" for k in keys)
-    return (f"{given} given, but {algorithm} trains no critic (critic is null in this experiment): "
-            "critic settings such as critic.lora_rank are for DMD2, f-distill and SiD; drop them")
 
 
 def _require_teacher_path(cfg: DictConfig) -> None:

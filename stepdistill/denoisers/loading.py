@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig
 
 from stepdistill.denoisers import guidance_embedding
 from stepdistill.denoisers.base import Denoiser
@@ -120,6 +121,34 @@ def load_denoiser(path: str | Path, *, dtype: torch.dtype | None = None) -> Deno
     denoiser = wrap_backbone(backbone, schedule_from_config(scheduler_config))
     denoiser.scheduler_config = scheduler_config
     return denoiser
+
+
+#: ``teacher.dtype`` values -> the dtype of the teacher's frozen weights
+TEACHER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def teacher_dtype(cfg: DictConfig) -> torch.dtype:
+    """``teacher.dtype`` (fp32 | bf16 | fp16; missing or null: fp32, as runs saved before the key)."""
+    value = cfg.teacher.get("dtype") or "fp32"
+    if value not in TEACHER_DTYPES:
+        raise StepdistillError(f"teacher.dtype={value!r} is not one of {', '.join(TEACHER_DTYPES)}: "
+                               "set teacher.dtype=bf16 (or fp16 / fp32)")
+    return TEACHER_DTYPES[value]
+
+
+@torch.no_grad()
+def cast_base_weights(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast ``module``'s floating-point weights and buffers to ``dtype`` in place (the same Parameter
+    objects), all but LoRA adapter weights (``.lora_`` names: trainable adapters on the teacher's base
+    stay fp32). bf16 halves the teacher's bytes (2 per parameter instead of 4)."""
+    for name, p in module.named_parameters():
+        if p.is_floating_point() and p.dtype != dtype and ".lora_" not in name:
+            p.data = p.data.to(dtype)
+    for sub_name, sub in module.named_modules():
+        for key, buffer in sub.named_buffers(recurse=False):
+            if buffer.is_floating_point() and buffer.dtype != dtype and "lora_" not in sub_name:
+                setattr(sub, key, buffer.to(dtype))
+    return module
 
 
 def _restore_guidance_embedding(backbone: torch.nn.Module, config: dict, model_dir: Path) -> None:

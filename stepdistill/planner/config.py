@@ -1,7 +1,7 @@
 """From ``stepdistill plan`` arguments to a composed training config, a ``MetaStack`` and a ``Job``.
 
 The planner's own keys (``PLAN_KEYS``) are taken out of the arguments; everything else is a training
-override composed exactly as ``stepdistill train`` composes it (``compose_train``). Keys the memory
+override composed exactly as ``stepdistill train`` composes it (``config.compose_train``). Keys the memory
 switches read are forced in (``++key=value``) so ``critic.lora_rank=64`` works on an experiment whose
 critic node does not list it. Keys are read with defaults, so configs written before a switch
 existed are sized as they run.
@@ -9,17 +9,23 @@ existed are sized as they run.
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
+from stepdistill.config import compose_train, instantiate, no_critic_message
+from stepdistill.denoisers.loading import ADAPTERS, teacher_dtype, wrap_backbone
 from stepdistill.errors import StepdistillError
 from stepdistill.planner.estimate import Job, RoleSpec, algorithm_setting
 from stepdistill.planner.presets import EXPERIMENT_PRESETS, PRESETS, preset
 from stepdistill.planner.stack import MetaStack, preset_stack
+from stepdistill.schedules import NoiseSchedule
+from stepdistill.training.optim import OPTIMIZERS
 
 #: the planner's own arguments (not training overrides)
 PLAN_KEYS = ("gpus", "gpu_memory", "gpus_per_node", "resolution", "frames", "backbone", "out")
@@ -99,8 +105,6 @@ def split_args(args: Sequence[str]) -> tuple[PlanArgs, list[str]]:
 def compose_job_config(plan: PlanArgs, overrides: Sequence[str]) -> DictConfig:
     """The training config, composed as ``stepdistill train`` composes it (a bare ``backbone=`` gets
     the DMD2 recipe of ``DEFAULT_EXPERIMENT``)."""
-    from stepdistill.commands.train import compose_train
-
     forced = [f"++{o}" if o.split("=", 1)[0] in FORCED else o for o in overrides]
     if not any(o.startswith("experiment=") for o in forced):
         if plan.backbone is None and not any(o.startswith("teacher.path=") for o in forced):
@@ -129,24 +133,19 @@ def stack_for(cfg: DictConfig, plan: PlanArgs) -> MetaStack:
 
 def job_from_config(cfg: DictConfig, plan: PlanArgs, stack: MetaStack) -> Job:
     """What the accounting needs, read from ``cfg`` with defaults (see the module docstring)."""
-    from stepdistill.commands.train import teacher_dtype  # validates teacher.dtype
-    from stepdistill.config import instantiate
-
     trainer = instantiate(cfg.trainer)
-    teacher_dtype(cfg)
+    teacher_dtype(cfg)  # validates teacher.dtype
     optim = cfg.get("optim") or {}
     shared = optim.get("name") or "adamw"
     critic = cfg.get("critic")
     has_critic = critic is not None and "_target_" in critic
     if critic is not None and not has_critic:  # critic.* overrides forced into an experiment without one
-        algorithm = str(cfg.algorithm.get("_target_", "?")).rsplit(".", 1)[-1]
-        raise StepdistillError(f"{', '.join(f'critic.{k}' for k in critic)} given, but {algorithm} trains no "
-                               "critic (critic is null in this experiment): drop them")
+        raise StepdistillError(no_critic_message(cfg, list(critic)))
     phases = ("critic", "generator") if has_critic else ("generator",)
     optimizers = tuple((ph, str((optim.get(ph) or {}).get("name") or shared)) for ph in phases)
     for _, name in optimizers:
-        if name not in ("adamw", "adamw8bit"):
-            raise StepdistillError(f"optim.name={name!r} is not an optimizer; allowed: adamw, adamw8bit")
+        if name not in OPTIMIZERS:
+            raise StepdistillError(f"optim.name={name!r} is not an optimizer; allowed: {', '.join(OPTIMIZERS)}")
     data = cfg.get("data") or {}
     gen_spec = _role(cfg.generator, None, stack)
     critic_spec = _role(critic, cfg.generator, stack) if has_critic else None
@@ -174,8 +173,6 @@ def job_from_config(cfg: DictConfig, plan: PlanArgs, stack: MetaStack) -> Job:
 
 def _algorithm_keys(cfg: DictConfig) -> set[str]:
     """The algorithm's constructor arguments (SiD's GAN critic term follows its ``gan_weight``)."""
-    import inspect
-
     from hydra.utils import get_object
 
     try:
@@ -200,11 +197,7 @@ def _role(node: Any, fallback: Any, stack: MetaStack) -> RoleSpec:
 
 def _adapter_parameters(node: Any, stack: MetaStack) -> int:
     """AGD's guidance adapters on the stack's denoiser, built on ``meta`` and counted."""
-    import torch
-
-    from stepdistill.adapters import GuidanceAdapters
-    from stepdistill.denoisers.loading import ADAPTERS, wrap_backbone
-    from stepdistill.schedules import NoiseSchedule
+    from stepdistill.adapters import GuidanceAdapters  # imports diffusers: only for AGD
 
     if stack.class_name not in ADAPTERS:
         raise StepdistillError(f"AGD's adapters need a {', '.join(ADAPTERS)} denoiser; got {stack.class_name}")

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from stepdistill.errors import StepdistillError
 from stepdistill.planner.activations import Trace, trace
 from stepdistill.planner.presets import Component, Preset, preset
+from stepdistill.training.sharding import block_classes
 
 #: LoRA targets when a config names none: the shipped lcm_lora list, plus the text stream's projections
 #: of joint transformers (SD3, Flux) and Flux's single-block MLP, and Wan's feed-forward names
@@ -170,8 +171,6 @@ class MetaStack:
     def largest_unit(self) -> int:
         """Parameters of the largest FSDP unit (``training/sharding.py``'s blocks, each without the
         units nested in it): what one all-gather brings in."""
-        from stepdistill.training.sharding import block_classes
-
         blocks = block_classes(self.backbone)
         units = [m for m in self.backbone.modules() if type(m).__name__ in blocks or hasattr(m, "_no_split_modules")]
         owned: set[int] = set()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,43 +158,49 @@ class Progress:
 
 
 class SampleGrid:
-    """Sample grids of the generator into ``samples/step-XXXXXX.png`` (main process).
+    """Sample grids of the generator into ``samples/step-XXXXXX.png`` (written by the main process).
 
     Args:
         task: a task (``eval_labels``, ``sample_shape``, ``null_class``, ``save_samples_figure``).
-        model: returns (the generator to sample from, its row label), e.g. the EMA generator.
+        model: a context manager giving (the generator to sample from, its row label) for its block,
+            e.g. the EMA generator (``Trainer.sampling``).
         directory: the ``samples/`` directory.
         every: draw every ``every`` steps (0: only at the end).
         num_samples: samples per grid.
         seed: the seed of the (fixed) noise and labels, so grids of a run are comparable.
+        collective: every process samples (a sharded generator's forward needs them all); the main
+            process alone saves.
     """
 
-    def __init__(self, accelerator, task, model: Callable[[], tuple[nn.Module, str]], directory: Path,
-                 every: int, num_samples: int, seed: int) -> None:
+    def __init__(self, accelerator, task, model: Callable[[], AbstractContextManager[tuple[nn.Module, str]]],
+                 directory: Path, every: int, num_samples: int, seed: int, collective: bool = False) -> None:
         self.accelerator, self.task, self.model = accelerator, task, model
         self.directory, self.every = directory, int(every)
-        self.num_samples, self.seed = int(num_samples), int(seed)
+        self.num_samples, self.seed, self.collective = int(num_samples), int(seed), bool(collective)
 
     def after_step(self, record: StepRecord, last: bool) -> None:
         done = record.step + 1
-        if last or (self.every > 0 and done % self.every == 0):
-            generator, label = self.model()  # every process: a sharded generator is gathered
-            if self.accelerator.is_main_process:
-                self.draw(done, generator, label)
+        due = last or (self.every > 0 and done % self.every == 0)
+        if due and (self.collective or self.accelerator.is_main_process):
+            self.draw(done)
 
     @torch.no_grad()
-    def draw(self, step: int, generator: nn.Module, label: str) -> Path:
-        device = next(generator.parameters()).device
+    def draw(self, step: int) -> Path | None:
+        """Sample (on every process when ``collective``); the main process saves the grid."""
         labels = self.task.eval_labels(self.num_samples)
-        g = torch.Generator().manual_seed(self.seed)
-        noise = torch.randn((len(labels), *self.task.sample_shape), generator=g).to(device)
-        cond = Conditioning.labels(labels, self.task.null_class).to(device)
-        was_training = generator.training
-        generator.eval()
-        try:
-            x = generator.sample(noise, cond, generator=g).float().cpu()
-        finally:
-            generator.train(was_training)
+        with self.model() as (generator, label):
+            device = next(generator.parameters()).device
+            g = torch.Generator().manual_seed(self.seed)
+            noise = torch.randn((len(labels), *self.task.sample_shape), generator=g).to(device)
+            cond = Conditioning.labels(labels, self.task.null_class).to(device)
+            was_training = generator.training
+            generator.eval()
+            try:
+                x = generator.sample(noise, cond, generator=g).float().cpu()
+            finally:
+                generator.train(was_training)
+        if not self.accelerator.is_main_process:
+            return None
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"step-{step:06d}.png"
         self.task.save_samples_figure({f"step {step}: {label}": x}, labels, path)

@@ -139,10 +139,12 @@ def load_checkpoint(accelerator, path: Path, ema: EMA | None,
     ``extra(path)`` on every process: a sharded run's shards)."""
     from safetensors.torch import load_model
 
+    if (extra is None) == (path / SHARDED).is_dir():
+        wrote = "fsdp (or hsdp)" if (path / SHARDED).is_dir() else "ddp"
+        raise StepdistillError(f"cannot resume from {str(path)!r}: a sharded checkpoint (trainer.strategy=fsdp|hsdp) "
+                               f"resumes only with a sharded strategy, a ddp one only with ddp: set "
+                               f"trainer.strategy={wrote}, the strategy that wrote it")
     try:
-        if (extra is None) == (path / SHARDED).is_dir():
-            raise ValueError("a sharded checkpoint (trainer.strategy=fsdp|hsdp) resumes only with a "
-                             "sharded strategy, and a ddp one only with ddp")
         accelerator.load_state(str(path))
         if extra is not None:
             extra(path)

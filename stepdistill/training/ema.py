@@ -29,7 +29,7 @@ class EMA(nn.Module):
         online = dict(model.named_parameters())
         for name, p in self.model.named_parameters():
             value = online[name].detach()
-            if isinstance(value, DTensor):  # a sharded (FSDP) student: this copy stays whole
+            if isinstance(value, DTensor) and not isinstance(p, DTensor):  # a whole copy of a sharded student
                 value = value.full_tensor()
             p.lerp_(value.to(p.dtype), 1.0 - decay)
         online_buffers = dict(model.named_buffers())

@@ -18,7 +18,6 @@ CUDA, and it shards with FSDP2 (DTensor parameters). Its state round-trips throu
 from __future__ import annotations
 
 import importlib.util
-import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -136,18 +135,12 @@ def build_optimizer(params: Sequence[torch.nn.Parameter], settings: PhaseOptim) 
 
 
 def adamw8bit_class() -> type[torch.optim.Optimizer]:
-    """torchao's ``AdamW8bit``, or a one-line error naming the install command. torchao's import logs
-    a warning for each of its CUDA kernel libraries that does not load (any CPU machine); the
-    optimizer needs none of them, so those warnings are silenced for the import."""
-    log = logging.getLogger("torchao")
-    level = log.level
-    log.setLevel(logging.ERROR)
+    """torchao's ``AdamW8bit``, or a one-line error naming the install command. (The warnings torchao's
+    import logs for CUDA kernel libraries that do not load are silenced by ``stepdistill/__init__.py``.)"""
     try:
         from torchao.optim import AdamW8bit
     except ImportError:
         raise StepdistillError(MISSING_8BIT) from None
-    finally:
-        log.setLevel(level)
     return AdamW8bit
 
 

@@ -103,7 +103,7 @@ def build_accelerator(config: TrainerConfig, logger: LoggerConfig, output_dir: P
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.utils import ProjectConfiguration
 
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") and config.strategy == "ddp":
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
         raise StepdistillError("accelerate launch --use_fsdp does not shard stepdistill's roles: launch without "
                                "--use_fsdp and set trainer.strategy=fsdp (or hsdp)")
     # Several launched processes without a GPU must ask for the CPU explicitly, or each one trains

@@ -49,6 +49,14 @@ from stepdistill.errors import StepdistillError
 MIXED = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def check_shardable(generator: nn.Module, strategy: str) -> None:
+    """A one-line error where sharding cannot work: AGD's guidance adapters run inside the base's blocks
+    through hooks, outside any FSDP unit's forward (and are 1-2% of the base: DDP carries them)."""
+    if strategy != "ddp" and getattr(generator, "adapters", None) is not None:
+        raise StepdistillError(f"trainer.strategy={strategy} cannot shard AGD's guidance adapters (hooks inside "
+                               "the base's blocks); they are 1-2% of the base: use trainer.strategy=ddp")
+
+
 def device_mesh(strategy: str, device: torch.device):
     """The mesh of ``strategy`` over every process: 1-D for fsdp, ``(replicate, shard)`` for hsdp."""
     if not dist.is_initialized():  # one process, not launched: a group of one (FSDP on one GPU)
@@ -82,13 +90,14 @@ def block_classes(module: nn.Module) -> set[str]:
     return {name for m in module.modules() for name in (getattr(m, "_no_split_modules", None) or [])}
 
 
-def shard(role: nn.Module, mesh, policy=None, done: set[int] | None = None) -> int:
+def shard(role: nn.Module, mesh, policy=None, done: set[int] | None = None, trained: bool = True) -> int:
     """``fully_shard`` a role per block (see the module docstring); modules in ``done`` (shared
     with a role sharded before, e.g. a LoRA student's base) are skipped. Returns the number of units.
 
     The role itself is not a unit: each backbone is its own FSDP root, so a teacher that runs a LoRA
     student's shared base directly and the student's own forward gather the same units alike. The
-    role's other parameters (a discriminator head) go to a unit per child that holds them.
+    role's other parameters (a discriminator head) go to a unit per child that holds them. An untrained
+    network (``trained=False``: a sharded teacher, an EMA target) frees every unit after its forward.
     """
     done = set() if done is None else done
     kwargs = {"mesh": mesh} | ({"mp_policy": policy} if policy is not None else {})
@@ -99,12 +108,12 @@ def shard(role: nn.Module, mesh, policy=None, done: set[int] | None = None) -> i
             # a block frees its gathered weights after its forward; a backbone keeps its own (embeddings,
             # in / out layers) until its backward: an output such as the GAN head's features leaves the
             # backbone before its last layer, and a backward from there never passes the backbone's output
-            fully_shard(m, reshard_after_forward=type(m).__name__ in blocks, **kwargs)
+            fully_shard(m, reshard_after_forward=not trained or type(m).__name__ in blocks, **kwargs)
             done.add(id(m))
             count += 1
     for child in role.children():
         if id(child) not in done and any(not isinstance(p, DTensor) for p in child.parameters()):
-            fully_shard(child, reshard_after_forward=False, **kwargs)
+            fully_shard(child, reshard_after_forward=not trained, **kwargs)
             done.add(id(child))
             count += 1
     return count
@@ -154,6 +163,11 @@ def skeleton(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
+def to_device(module: nn.Module, device: torch.device) -> None:
+    """``module.to(device)`` for what is not sharded (DTensor parameters stay where FSDP put them)."""
+    module._apply(lambda t: t if isinstance(t, DTensor) else t.to(device))
+
+
 def full_state_dict(module: nn.Module) -> dict[str, Tensor]:
     """The full (unsharded) state dict of a sharded module, on the CPU of rank 0 (empty elsewhere).
     Every process must call it."""
@@ -165,6 +179,7 @@ def gathered(module: nn.Module, skeleton_module: nn.Module, overrides: dict[str,
     """A whole copy of the sharded ``module`` on rank 0 (None elsewhere): the skeleton filled with the
     gathered state dict, then ``overrides`` (full tensors by name: the EMA's), plus the live module's
     non-persistent buffers. Every process must call it."""
+    reshard(module)
     state = full_state_dict(module)
     if dist.get_rank() != 0:
         return None
@@ -202,13 +217,36 @@ class ShardedEMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        reshard(model)
         live = dict(model.named_parameters())
         for name, s in self.shadow.items():
             s.lerp_(live[name].detach().to(s.dtype), 1.0 - self.decay)
 
     def full(self) -> dict[str, Tensor]:
-        """Every shadow as a full CPU tensor (all processes call it; every one gets the tensors)."""
-        return {n: _local(s).cpu() for n, s in self.shadow.items()}
+        """Every shadow as a full CPU tensor on rank 0 (empty elsewhere); all processes must call it."""
+        out = {}
+        for name, s in self.shadow.items():
+            whole = _local(s)
+            if dist.get_rank() == 0:
+                out[name] = whole.cpu()
+        return out
+
+    @contextlib.contextmanager
+    def swapped_in(self, model: nn.Module) -> Iterator[None]:
+        """Within the block the sharded ``model``'s trained parameters hold the EMA shards (restored
+        after): sampling the EMA generator gathers nothing whole beyond what a forward gathers."""
+        reshard(model)  # a no-grad forward may have left a root gathered (plain tensors in place)
+        live = dict(model.named_parameters())
+        with torch.no_grad():
+            saved = {n: live[n].detach().clone() for n in self.shadow}
+            for name, s in self.shadow.items():
+                live[name].copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, value in saved.items():
+                    live[name].copy_(value)
 
     def state_dict(self) -> dict[str, Tensor]:
         return dict(self.shadow)
@@ -228,7 +266,11 @@ def save_sharded(directory: Path, modules: dict[str, nn.Module], optimizers: dic
 
 def load_sharded(directory: Path, modules: dict[str, nn.Module], optimizers: dict[str, Any],
                  phase_modules: dict[str, nn.Module], ema: ShardedEMA | None) -> None:
-    """Restore what ``save_sharded`` wrote, in place (the same strategy and process count)."""
+    """Restore what ``save_sharded`` wrote, in place (the same strategy and process count). An optimizer
+    saved before its phase's first step stays as it is (empty): initialising it to load nothing would
+    step its counter."""
+    saved = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+    optimizers = {ph: opt for ph, opt in optimizers.items() if any(k.startswith(f"optim.{ph}.state.") for k in saved)}
     state = _sharded_state(modules, optimizers, phase_modules, ema)
     dcp.load(state, checkpoint_id=str(directory))
     for name, module in modules.items():

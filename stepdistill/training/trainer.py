@@ -15,7 +15,7 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,9 +100,9 @@ class Trainer:
         _phase_parameters(algorithm)  # freezes what no phase trains, before any sharding
         self.settings = optim.for_phases(algorithm.phases)
         algorithm.teacher.eval().requires_grad_(False)
-        algorithm.to(self.accelerator.device)
+        self.skeletons = self._shard() if self.sharded else {}  # each unit's shards go to the device
+        self._place()
         self.memory = apply_memory_switches(algorithm, config, self.accelerator.device)  # training.memory
-        self.skeletons = self._shard() if self.sharded else {}
         self.phase_params = _phase_parameters(algorithm)  # the live (after FSDP: sharded) parameters
         generator_ids = {id(p) for p in unwrap(algorithm.generator).parameters()}
         self.ema_phases = {ph for ph, ps in self.phase_params.items() if any(id(p) in generator_ids for p in ps)}
@@ -123,10 +123,21 @@ class Trainer:
                                    f"divisible by the number of processes ({n}) x "
                                    f"trainer.gradient_accumulation_steps ({k})")
 
-    def _shard(self) -> nn.Module:
-        """FSDP2 (``trainer.strategy=fsdp|hsdp``): shard every trained role per block (and the teacher
-        with ``teacher_placement=shard``); returns each role's skeleton (meta device), which
-        ``sampling_generator`` and the end of ``fit`` fill with gathered weights."""
+    def _place(self) -> None:
+        """Everything not yet on the device goes there, but a teacher with ``teacher_placement=offload``
+        stays in CPU memory (its blocks move per forward). Sharded parameters are already in place:
+        nothing ever holds a whole sharded role on the device."""
+        device, offload = self.accelerator.device, self.config.teacher_placement == "offload"
+        for child in self.algorithm.children():
+            if not (offload and child is self.algorithm.teacher):
+                sharding.to_device(child, device)
+
+    def _shard(self) -> dict[str, nn.Module]:
+        """FSDP2 (``trainer.strategy=fsdp|hsdp``): shard every trained role per block, the teacher with
+        ``teacher_placement=shard``, and the algorithm's untrained networks (an EMA target network);
+        returns each trained role's skeleton (meta device), which the end of ``fit`` fills with gathered
+        weights."""
+        sharding.check_shardable(unwrap(self.algorithm.generator), self.config.strategy)
         mesh = sharding.device_mesh(self.config.strategy, self.accelerator.device)
         self.mesh_shape = list(mesh.shape)
         policy = sharding.mixed_precision_policy(self.accelerator.mixed_precision)
@@ -137,7 +148,10 @@ class Trainer:
             sharding.shard(module, mesh, policy, done)
             sharding.check_sharded(module, name)
         if self.config.teacher_placement == "shard":
-            sharding.shard(self.algorithm.teacher, mesh, None, done)
+            sharding.shard(self.algorithm.teacher, mesh, None, done, trained=False)
+        for module in _untrained_state(self.algorithm, list(roles.values())).values():
+            if any(p.is_floating_point() for p in module.parameters()):  # e.g. LCM's EMA target network
+                sharding.shard(module, mesh, policy, done, trained=False)
         return skeletons
 
     def _make_ema(self):
@@ -176,11 +190,11 @@ class Trainer:
         return modules
 
     def _register_sharded(self, names: dict[str, nn.Module]) -> dict[str, nn.Module]:
-        stateful = _untrained_state(self.algorithm, list(names.values()))
+        """The LR schedules go to accelerate's checkpoint; the algorithm's own state (sharded or not)
+        to the sharded checkpoint with the roles (``self.untrained``)."""
+        self.untrained = _untrained_state(self.algorithm, list(names.values()))
         for schedule in self.schedules.values():
             self.accelerator.register_for_checkpointing(schedule)
-        if stateful:
-            self.accelerator.register_for_checkpointing(_ModuleBuffers(stateful))
         self.phase_modules = self._modules_of_phases(names)
         return names
 
@@ -381,22 +395,36 @@ class Trainer:
         out = [MetricsLog(acc, self.output_dir / "logs.jsonl", cfg.log_every, start_step),
                Progress(cfg.max_steps, start_step, cfg.progress and acc.is_main_process)]
         if self.task is not None and hasattr(self.task, "save_samples_figure"):
-            out.append(SampleGrid(acc, self.task, self.sampling_generator, self.output_dir / "samples",
-                                  cfg.sample_every, cfg.num_samples, cfg.seed))
+            out.append(SampleGrid(acc, self.task, self.sampling, self.output_dir / "samples",
+                                  cfg.sample_every, cfg.num_samples, cfg.seed, collective=self.sharded))
         return out
 
     def sampling_generator(self) -> tuple[nn.Module | None, str]:
-        """The generator to sample and export: the EMA one when enabled, else the online one. Sharded:
-        a whole copy gathered from every process (all must call this), on the main process only
-        (None elsewhere)."""
+        """The generator to export: the EMA one when enabled, else the online one. Sharded: a whole copy
+        gathered from every process (all must call this) into the main process's CPU memory (None
+        elsewhere)."""
         label = "EMA generator" if self.ema is not None else "generator"
         if self.sharded:
             overrides = self.ema.full() if self.ema is not None else None
-            whole = sharding.gathered(unwrap(self.algorithm.generator), self.skeletons["generator"], overrides)
-            return (None if whole is None else whole.to(self.accelerator.device)), label
+            return sharding.gathered(unwrap(self.algorithm.generator), self.skeletons["generator"], overrides), label
         if self.ema is not None:
             return self.ema.model, label
         return unwrap(self.algorithm.generator), label
+
+    @contextlib.contextmanager
+    def sampling(self) -> Iterator[tuple[nn.Module, str]]:
+        """The generator to sample from within the block: the EMA one when enabled. Sharded: the sharded
+        generator itself with the EMA's shards swapped in (nothing gathered whole; every process must
+        enter, and each runs the same sampling)."""
+        if not self.sharded:
+            yield self.sampling_generator()
+            return
+        generator = unwrap(self.algorithm.generator)
+        if self.ema is None:
+            yield generator, "generator"
+            return
+        with self.ema.swapped_in(generator):
+            yield generator, "EMA generator"
 
     # ------------------------------------------------------------------ checkpoints and export
     def save_checkpoint(self) -> Path:
@@ -405,8 +433,13 @@ class Trainer:
                                               self.ema, self.config.keep_last)
         return checkpoint.save_checkpoint(
             self.accelerator, self.output_dir / "checkpoints", self.state, None, self.config.keep_last,
-            extra=lambda d: sharding.save_sharded(d / checkpoint.SHARDED, self.prepared, self._unwrapped_optimizers(),
-                                         self._phase_roots(), self.ema))
+            extra=lambda d: sharding.save_sharded(d / checkpoint.SHARDED, self._checkpointed_modules(),
+                                                  self._unwrapped_optimizers(), self._phase_roots(), self.ema))
+
+    def _checkpointed_modules(self) -> dict[str, nn.Module]:
+        """What a sharded checkpoint holds besides optimizers and EMA: the trained roles and the
+        algorithm's own state (an EMA target network, running statistics)."""
+        return {**self.prepared, **{f"state.{n}": m for n, m in self.untrained.items()}}
 
     def _unwrapped_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {ph: _unwrapped(opt) for ph, opt in self.optimizers.items()}
@@ -431,8 +464,8 @@ class Trainer:
         else:
             self.state = checkpoint.load_checkpoint(
                 self.accelerator, path, None,
-                extra=lambda d: sharding.load_sharded(d / checkpoint.SHARDED, self.prepared, self._unwrapped_optimizers(),
-                                             self._phase_roots(), self.ema))
+                extra=lambda d: sharding.load_sharded(d / checkpoint.SHARDED, self._checkpointed_modules(),
+                                                      self._unwrapped_optimizers(), self._phase_roots(), self.ema))
 
     def _export(self, student: nn.Module, wall: float, start_step: int) -> None:
         checkpoint.export_student(student, self.output_dir / "student")

@@ -6,8 +6,7 @@ import pytest
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig
 
-from stepdistill.commands.train import experiments
-from stepdistill.config import compose
+from stepdistill.config import compose, experiments
 
 #: runtime objects the commands pass to ``instantiate`` as keyword arguments (not in the YAML)
 RUNTIME_KWARGS = {"denoiser", "teacher", "generator", "critic", "data"}

@@ -33,10 +33,10 @@ def main(out: Path, resume: str | None, strategy: str = "ddp") -> None:
     algorithm = tiny_algorithm(dtype=torch.float64)
     config = TrainerConfig(max_steps=STEPS, batch_size=BATCH, gradient_accumulation_steps=ACCUMULATION,
                            checkpoint_every=STEPS // 2, keep_last=0, ema_decay=0.9, progress=False, cpu=True,
-                           sample_every=0, resume=resume, strategy=strategy, log_every=1)
+                           sample_every=0, num_samples=64, resume=resume, strategy=strategy, log_every=1)
     # the trainer builds Accelerator(cpu=True, ...) from the config, as `stepdistill train` does
     trainer = Trainer(algorithm, TaskBatches(task, seed=3), config, OptimConfig(lr=1e-2, warmup_steps=3),
-                      out / "run")
+                      out / "run", task=task)  # a sample grid of the (EMA) generator at the end
     accelerator = trainer.accelerator
     result = trainer.fit()
     if accelerator.is_main_process:

@@ -90,6 +90,8 @@ def test_two_processes_with_fsdp_shard_and_train_what_one_ddp_process_trains(tmp
     assert len(gaps) == 12 and max(gaps) <= TOLERANCE, gaps
     gap = max((one["student"][k] - two["student"][k]).abs().max().item() for k in one["student"])
     assert gap <= TOLERANCE
+    grid = "run/samples/step-000012.png"  # drawn through the sharded generator with the EMA swapped in
+    assert (tmp_path / "two" / grid).read_bytes() == (tmp_path / "one" / grid).read_bytes()
     sharded = tmp_path / "two/run/checkpoints/checkpoint-6"
     assert sorted(p.name for p in (sharded / "sharded").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     resumed = _run(_launch_two(), tmp_path / "resumed", str(sharded), "fsdp")  # accelerate launch this time

@@ -8,8 +8,9 @@ from omegaconf import OmegaConf
 
 from stepdistill.algorithms.base import Batch
 from stepdistill.cli import main
-from stepdistill.commands.train import build_algorithm, build_trainer, compose_train, teacher_dtype
+from stepdistill.commands.train import build_algorithm, build_trainer, compose_train
 from stepdistill.conditioning import Conditioning
+from stepdistill.denoisers.loading import teacher_dtype
 from stepdistill.tiny_stacks import tiny_stack_dir
 
 #: relative error ||x0 - x0_fp32|| / ||x0_fp32|| of the tiny SD1.5 teacher's CFG (1.75) x0 predictions
