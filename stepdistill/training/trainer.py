@@ -44,7 +44,12 @@ from stepdistill.training.settings import TrainerConfig, build_accelerator
 
 @dataclass
 class FitResult:
-    """What ``Trainer.fit`` returns; modules are unwrapped (no DDP) and on the training device."""
+    """What ``Trainer.fit`` returns; modules are unwrapped (no DDP) and on the training device.
+
+    Sharded runs (fsdp / hsdp): on the main process the trained roles and ``generator`` are whole
+    copies gathered into CPU memory (other processes keep their shards, and the process group is gone);
+    a LoRA role's copy carries its own base, no longer the teacher's.
+    """
 
     algorithm: Algorithm
     generator: nn.Module

@@ -43,6 +43,7 @@ def main(out: Path, resume: str | None, strategy: str = "ddp") -> None:
         logs = [json.loads(line) for line in (out / "run/logs.jsonl").read_text().splitlines()]
         torch.save({"history": result.history, "num_processes": accelerator.num_processes,
                     "grad_norms": {line["step"]: line["grad_norm"] for line in logs},
+                    "bucket_view": getattr(trainer.prepared["critic"], "gradient_as_bucket_view", None),
                     "train": json.loads((out / "run/train.json").read_text()),
                     "start_step": result.start_step,
                     "generator": {k: v.cpu() for k, v in result.algorithm.generator.state_dict().items()},

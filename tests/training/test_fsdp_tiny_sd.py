@@ -1,7 +1,8 @@
 """``trainer.strategy=fsdp`` on the tiny SD1.5-like stack, launched as the README says
 (``torchrun --nproc_per_node 2 -m stepdistill.cli train ...``; gloo, two CPU processes that really
-shard): DMD2 with its GAN head, an EMA and a 4-step generator trained by backward simulation, and
-LCM-LoRA (adapters on the teacher's own UNet).
+shard): DMD2 with its GAN head, an EMA and a 4-step generator trained by backward simulation (with
+gradient checkpointing, against DDP without), LCM-LoRA (adapters on the teacher's own UNet) and DMD2
+with a LoRA generator and a LoRA critic on one base.
 
 FSDP against DDP, both two processes with the same seeds: every process draws the same noise under
 either strategy, so the only differences are floating-point sums in another order (a reduce-scatter of
@@ -27,6 +28,8 @@ from safetensors.torch import load_file
 HERE = Path(__file__).resolve().parent
 CONFIGS = HERE / "configs"
 DMD2 = ["experiment=test/tiny_sd_dmd2_gan", f"hydra.searchpath=[file://{CONFIGS}]"]
+#: the sharded DMD2 run also recomputes its activations (gradient checkpointing inside FSDP units)
+SHARDED = ["trainer.strategy=fsdp", "trainer.gradient_checkpointing=true"]
 RTOL, ATOL = 1e-4, 1e-4
 
 
@@ -55,7 +58,7 @@ def _close(a: float, b: float) -> bool:
 @pytest.fixture(scope="module")
 def dmd2_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
-    fsdp = _train(root / "fsdp", root / "cache", *DMD2, "trainer.strategy=fsdp")
+    fsdp = _train(root / "fsdp", root / "cache", *DMD2, *SHARDED)
     ddp = _train(root / "ddp", root / "cache", *DMD2, "trainer.strategy=ddp")
     return root, fsdp, ddp
 
@@ -106,7 +109,7 @@ def test_the_ema_in_the_sharded_checkpoint_is_the_exported_student(dmd2_runs, tm
 
 def test_resuming_from_a_sharded_checkpoint_continues_the_loss_trajectory(dmd2_runs):
     root, fsdp, _ = dmd2_runs
-    resumed = _train(root / "resumed", root / "cache", *DMD2, "trainer.strategy=fsdp",
+    resumed = _train(root / "resumed", root / "cache", *DMD2, *SHARDED,
                      f"trainer.resume={root / 'fsdp/checkpoints/checkpoint-2'}")
     assert [r["step"] for r in resumed] == [2, 3]
     for a, b in zip(fsdp[2:], resumed, strict=True):

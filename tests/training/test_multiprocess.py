@@ -61,6 +61,7 @@ def test_two_cpu_processes_train_what_one_process_trains(tmp_path):
     one = _run([sys.executable], tmp_path / "one")
     two = _run(_launch_two(), tmp_path / "two")
     assert (one["num_processes"], two["num_processes"]) == (1, 2)
+    assert two["bucket_view"] is True  # trainer.gradient_as_bucket_view reached the trainer's DDP wrapper
     _assert_same(one, two)
     # two processes resumed from the half-way checkpoint (each its own RNG state) end the same way
     checkpoint = tmp_path / "two/run/checkpoints/checkpoint-6"
