@@ -35,7 +35,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -267,6 +267,23 @@ def generator_kind(generator: Any) -> str:
 
 
 # --------------------------------------------------------------------------- resident set size
+def allocation_peak(fn: Callable[[], Any]) -> tuple[Any, int]:
+    """``fn()`` and the peak of the bytes torch's allocator held during it beyond what was live when it
+    started (the profiler's memory events, in order): unlike the resident set, the same number on
+    every run, and what ``torch.cuda.max_memory_allocated`` reports on a GPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return result, peak
+
+
 def _status_kib(field: str) -> int | None:
     try:
         found = re.search(rf"^{field}:\s+(\d+)\s+kB", Path("/proc/self/status").read_text(), re.M)
