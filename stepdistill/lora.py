@@ -23,7 +23,8 @@ from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor, distribute_tensor
+
+from stepdistill.dtensors import shaped_like, whole
 
 #: the generator's adapter (the exported student's LoRA)
 ADAPTER = "student"
@@ -224,7 +225,7 @@ class LoraEMA(nn.Module):
     @torch.no_grad()
     def update(self, backbone: nn.Module, decay: float) -> None:
         for ema, p in self._pairs(backbone):  # sharded (FSDP) adapters: the EMA keeps them whole
-            ema.lerp_(_whole(p.detach()).to(ema.dtype), 1.0 - decay)
+            ema.lerp_(whole(p.detach()).to(ema.dtype), 1.0 - decay)
 
     @contextlib.contextmanager
     def swapped_in(self, backbone: nn.Module) -> Iterator[None]:
@@ -233,7 +234,7 @@ class LoraEMA(nn.Module):
         with torch.no_grad():
             saved = [p.detach().clone() for _, p in pairs]
             for ema, p in pairs:
-                p.copy_(_shaped_like(ema, p))
+                p.copy_(shaped_like(ema, p))
         try:
             yield
         finally:
@@ -241,14 +242,3 @@ class LoraEMA(nn.Module):
                 for (_, p), old in zip(pairs, saved, strict=True):
                     p.copy_(old)
 
-
-def _whole(t: Tensor) -> Tensor:
-    """A sharded (DTensor) parameter gathered whole; any other tensor as it is."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def _shaped_like(value: Tensor, p: Tensor) -> Tensor:
-    """``value`` (whole) laid out as ``p``: this process's shard of it when ``p`` is sharded."""
-    if not isinstance(p, DTensor):
-        return value
-    return distribute_tensor(value.to(p.dtype), p.device_mesh, p.placements, src_data_rank=None)

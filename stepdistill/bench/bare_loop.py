@@ -16,7 +16,7 @@ from stepdistill.algorithms.base import Algorithm, unwrap
 from stepdistill.training.ema import EMA
 from stepdistill.training.optim import OptimConfig, build_optimizer, build_schedule
 from stepdistill.training.settings import TrainerConfig
-from stepdistill.training.trainer import _phase_parameters, _slice
+from stepdistill.training.trainer import phase_parameters, slice_batch
 
 
 class BareLoop:
@@ -36,7 +36,7 @@ class BareLoop:
         self.device = torch.device(device)
         algorithm.teacher.eval().requires_grad_(False)
         algorithm.to(self.device).train()
-        self.params = _phase_parameters(algorithm)
+        self.params = phase_parameters(algorithm)
         self.settings = optim.for_phases(algorithm.phases)
         self.optimizers = {ph: build_optimizer(ps, self.settings[ph]) for ph, ps in self.params.items()}
         self.schedules = {ph: build_schedule(opt, self.settings[ph]) for ph, opt in self.optimizers.items()}
@@ -56,7 +56,7 @@ class BareLoop:
                     p.requires_grad_(name == phase)
         batch = self.batches(step, self.batch_size)
         if self.device.type != "cpu":
-            batch = _slice(batch, 0, len(batch), self.device)
+            batch = slice_batch(batch, 0, len(batch), self.device)
         out = self.algorithm.loss(phase, batch, step)
         out.loss.backward()
         settings = self.settings[phase]

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from stepdistill.dtensors import whole
+
 
 class EMA(nn.Module):
     """``ema = decay * ema + (1 - decay) * param`` after each optimizer step.
@@ -28,9 +30,8 @@ class EMA(nn.Module):
         decay = self.decay if decay is None else float(decay)
         online = dict(model.named_parameters())
         for name, p in self.model.named_parameters():
-            value = online[name].detach()
-            if isinstance(value, DTensor) and not isinstance(p, DTensor):  # a whole copy of a sharded student
-                value = value.full_tensor()
+            value = online[name].detach()  # a sharded student's EMA is sharded, or a whole copy
+            value = value if isinstance(p, DTensor) else whole(value)
             p.lerp_(value.to(p.dtype), 1.0 - decay)
         online_buffers = dict(model.named_buffers())
         for name, b in self.model.named_buffers():

@@ -44,6 +44,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from stepdistill.dtensors import whole
 from stepdistill.errors import StepdistillError
 
 MIXED = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -61,7 +62,7 @@ def device_mesh(strategy: str, device: torch.device):
     """The mesh of ``strategy`` over every process: 1-D for fsdp, ``(replicate, shard)`` for hsdp."""
     if not dist.is_initialized():  # one process, not launched: a group of one (FSDP on one GPU)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+                                init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     world = dist.get_world_size()
     kind = device.type
     if strategy == "fsdp":
@@ -73,7 +74,8 @@ def device_mesh(strategy: str, device: torch.device):
     return init_device_mesh(kind, (world // shard, shard), mesh_dim_names=("replicate", "shard"))
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on this machine (a one-process group's rendezvous; the tests' launchers)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -191,12 +193,8 @@ def gathered(module: nn.Module, skeleton_module: nn.Module, overrides: dict[str,
     with torch.no_grad():
         for name, b in whole.named_buffers():
             if name not in persistent:
-                b.copy_(_local(live[name]))
+                b.copy_(whole(live[name]))
     return whole
-
-
-def _local(t: Tensor) -> Tensor:
-    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 class ShardedEMA:
@@ -226,9 +224,9 @@ class ShardedEMA:
         """Every shadow as a full CPU tensor on rank 0 (empty elsewhere); all processes must call it."""
         out = {}
         for name, s in self.shadow.items():
-            whole = _local(s)
+            value = whole(s)
             if dist.get_rank() == 0:
-                out[name] = whole.cpu()
+                out[name] = value.cpu()
         return out
 
     @contextlib.contextmanager

@@ -102,13 +102,13 @@ class Trainer:
         self._check_batch_size()
         self.sharded = config.strategy != "ddp"
         self.mesh_shape: list[int] | None = None  # sharded: (processes,) or (nodes, processes per node)
-        _phase_parameters(algorithm)  # freezes what no phase trains, before any sharding
+        phase_parameters(algorithm)  # freezes what no phase trains, before any sharding
         self.settings = optim.for_phases(algorithm.phases)
         algorithm.teacher.eval().requires_grad_(False)
         self.skeletons = self._shard() if self.sharded else {}  # each unit's shards go to the device
         self._place()
         self.memory = apply_memory_switches(algorithm, config, self.accelerator.device)  # training.memory
-        self.phase_params = _phase_parameters(algorithm)  # the live (after FSDP: sharded) parameters
+        self.phase_params = phase_parameters(algorithm)  # the live (after FSDP: sharded) parameters
         generator_ids = {id(p) for p in unwrap(algorithm.generator).parameters()}
         self.ema_phases = {ph for ph, ps in self.phase_params.items() if any(id(p) in generator_ids for p in ps)}
         self.ema = self._make_ema() if config.ema_decay is not None else None
@@ -146,10 +146,11 @@ class Trainer:
         mesh = sharding.device_mesh(self.config.strategy, self.accelerator.device)
         self.mesh_shape = list(mesh.shape)
         policy = sharding.mixed_precision_policy(self.accelerator.mixed_precision)
-        roles = {"generator": unwrap(self.algorithm.generator), **self.algorithm.modules_to_prepare()}
+        trained = self.algorithm.modules_to_prepare()
+        roles = {"generator": unwrap(self.algorithm.generator), **trained}
         skeletons = {name: sharding.skeleton(module) for name, module in roles.items()}
         done: set[int] = set()
-        for name, module in self.algorithm.modules_to_prepare().items():
+        for name, module in trained.items():
             sharding.shard(module, mesh, policy, done)
             sharding.check_sharded(module, name)
         if self.config.teacher_placement == "shard":
@@ -281,7 +282,7 @@ class Trainer:
         start = acc.process_index * per_process
         local = self.batches(step, self.config.batch_size, slice(start, start + per_process))
         size = per_process // self.config.gradient_accumulation_steps
-        return [_slice(local, i * size, (i + 1) * size, device) for i in range(self.config.gradient_accumulation_steps)]
+        return [slice_batch(local, i * size, (i + 1) * size, device) for i in range(self.config.gradient_accumulation_steps)]
 
     def _sync_context(self, phase: str, last: bool):
         """DDP's no_sync on the phase's modules for every micro-batch but the last."""
@@ -507,7 +508,7 @@ def _clip_or_measure(params: list[nn.Parameter], max_norm: float | None) -> Tens
     return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
 
 
-def _phase_parameters(algorithm: Algorithm) -> dict[str, list[nn.Parameter]]:
+def phase_parameters(algorithm: Algorithm) -> dict[str, list[nn.Parameter]]:
     """Each phase's trained parameters (those of ``trainable(phase)`` that require grad now);
     every other parameter of the algorithm is frozen."""
     teacher = {id(p) for p in algorithm.teacher.base_parameters()}
@@ -551,7 +552,7 @@ def _untrained_state(algorithm: Algorithm, trained: list[nn.Module]) -> dict[str
             if id(child) not in skip and len(child.state_dict()) > 0}
 
 
-def _slice(batch: Batch, start: int, stop: int, device: torch.device) -> Batch:
+def slice_batch(batch: Batch, start: int, stop: int, device: torch.device) -> Batch:
     cond = batch.cond.index(slice(start, stop)).to(device)
     x0 = None if batch.x0 is None else batch.x0[start:stop].to(device)
     return Batch(cond=cond, x0=x0, extras={k: v[start:stop].to(device) for k, v in batch.extras.items()})

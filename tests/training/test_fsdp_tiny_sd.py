@@ -15,7 +15,6 @@ its own half-batch)."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +24,8 @@ import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 
+from stepdistill.training.sharding import free_port
+
 HERE = Path(__file__).resolve().parent
 CONFIGS = HERE / "configs"
 DMD2 = ["experiment=test/tiny_sd_dmd2_gan", f"hydra.searchpath=[file://{CONFIGS}]"]
@@ -33,18 +34,13 @@ SHARDED = ["trainer.strategy=fsdp", "trainer.gradient_checkpointing=true"]
 RTOL, ATOL = 1e-4, 1e-4
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _train(out: Path, cache: Path, *overrides: str) -> list[dict]:
     """``torchrun --nproc_per_node 2 -m stepdistill.cli train ...``; returns logs.jsonl's records."""
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="offline",
                STEPDISTILL_CACHE=str(cache))
     args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-            str(_free_port()), "-m", "stepdistill.cli", "train", f"output_dir={out}", "trainer.progress=false",
+            str(free_port()), "-m", "stepdistill.cli", "train", f"output_dir={out}", "trainer.progress=false",
             *overrides]
     proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -99,7 +95,7 @@ def test_the_ema_in_the_sharded_checkpoint_is_the_exported_student(dmd2_runs, tm
 
     root, _, _ = dmd2_runs
     dcp_to_torch_save(root / "fsdp/checkpoints/checkpoint-4/sharded", tmp_path / "full.pt")
-    state = torch.load(tmp_path / "full.pt", weights_only=False)
+    state = torch.load(tmp_path / "full.pt", weights_only=True)
     student = load_file(root / "fsdp/student/unet/diffusion_pytorch_model.safetensors")
     ema = {k.removeprefix("denoiser.backbone."): v for k, v in state["ema"].items()}
     assert ema.keys() == student.keys()

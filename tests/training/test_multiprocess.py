@@ -11,22 +11,18 @@ process, a doubled warmup, gives a 1e-2 gap; a wrong slice or an unsynchronised 
 """
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
+from stepdistill.training.sharding import free_port
+
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "multiprocess_run.py"
 TOLERANCE = 1e-9
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict[str, str]:
@@ -44,7 +40,7 @@ def _run(args: list[str], out: Path, *script_args: str) -> dict:
 def _launch_two() -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(_free_port())]
+            "--main_process_port", str(free_port())]
 
 
 def _assert_same(one: dict, two: dict) -> None:
@@ -75,7 +71,7 @@ def test_two_cpu_processes_train_what_one_process_trains(tmp_path):
 
 def _torchrun_two() -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-            "--master_port", str(_free_port())]
+            "--master_port", str(free_port())]
 
 
 def test_two_processes_with_fsdp_shard_and_train_what_one_ddp_process_trains(tmp_path):
@@ -111,7 +107,7 @@ def test_hsdp_over_two_nodes_replicates_and_trains_what_one_process_trains(tmp_p
     machine): the mesh is (2 nodes, 1 process per node), each node a replica; same results as one
     process."""
     one = _run([sys.executable], tmp_path / "one")
-    port, out = str(_free_port()), tmp_path / "hsdp"
+    port, out = str(free_port()), tmp_path / "hsdp"
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank",
                                str(rank), "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port",
                                port, str(SCRIPT), str(out), "none", "hsdp"], env=_env(),
