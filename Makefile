@@ -1,4 +1,4 @@
-# stepdistill: make install | make demo | make test
+# stepdistill: make install | make demo | make test | make test-fast | make docs
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install inception demo test test-serial lint clean
+.PHONY: install inception demo test test-fast test-serial docs lint clean
 
 install: $(VENV)/.installed
 
@@ -46,8 +46,16 @@ demo: install
 test: install inception
 	$(BIN)/python -m pytest tests -n 2 --dist loadfile
 
+# the tier for quick iterations: everything but the multi-minute trainings (marked slow), < 3 minutes
+test-fast: install
+	$(BIN)/python -m pytest tests -n 2 --dist loadfile -m "not slow"
+
 test-serial: install inception
 	$(BIN)/python -m pytest tests
+
+# the documentation site (mkdocs-material), strict: a broken link or a missing page fails
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --quiet
 
 lint: install
 	$(BIN)/ruff check stepdistill tests scripts

@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 
 from stepdistill.adapters import GuidanceAdapters
-from stepdistill.commands.sample import parse_args
-from stepdistill.commands.teacher import build_task
+from stepdistill.args import parse_args
 from stepdistill.errors import StepdistillError
 from stepdistill.eval.run_eval import student_samples
 from stepdistill.pipelines.few_step import load_run
+from stepdistill.workflows.teacher import build_task
 
 KEYS = {"run": "str", "adapters": "str", "scales": "ints", "steps": "int", "num_samples": "int", "seed": "int",
         "out": "str", "batch_size": "int"}

@@ -17,10 +17,10 @@ from statistics import mean, pstdev
 
 from stepdistill.bench.speed import load_teacher
 from stepdistill.data.digits import load_digits_tensors
-from stepdistill.eval.fid import digits_fid
+from stepdistill.eval.digits_fid import digits_fid
 from stepdistill.eval.fid_scale import copy_fid, fresh_sample_fid, nearest_distances
 from stepdistill.eval.run_eval import generate, student_samples, teacher_sampler
-from stepdistill.pipelines.few_step import load_run
+from stepdistill.pipelines.runs import load_run
 
 
 def _spread(values: list[float]) -> dict:

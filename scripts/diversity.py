@@ -17,17 +17,17 @@ from pathlib import Path
 
 import torch
 
-from stepdistill.commands.sample import parse_args
-from stepdistill.commands.teacher import build_task
+from stepdistill.args import parse_args
 from stepdistill.conditioning import Conditioning
 from stepdistill.data.digits import load_digits_tensors
 from stepdistill.errors import StepdistillError
+from stepdistill.eval.digits_fid import digits_features
 from stepdistill.eval.diversity import class_diversity, class_knn_recall
-from stepdistill.eval.fid import digits_features
 from stepdistill.eval.report import image_grid
 from stepdistill.eval.run_eval import generate, teacher_sampler
 from stepdistill.hybrid import run_teacher, sample_hybrid
 from stepdistill.pipelines.few_step import load_run
+from stepdistill.workflows.teacher import build_task
 
 KEYS = {"run": "str", "out": "str", "ks": "ints", "num_samples": "int", "teacher_steps": "int", "seed": "int",
         "batch_size": "int", "recall_k": "int", "picture_class": "int"}

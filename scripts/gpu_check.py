@@ -124,7 +124,7 @@ def synthetic_batches(backbone: torch.nn.Module, tokens: int):
 
 
 def build_trainer(args: list[str], device: torch.device, out: Path) -> tuple[Trainer, dict[str, Any]]:
-    """The job's ``Trainer`` (as ``commands.train.build_algorithm``, with a random-weight teacher)."""
+    """The job's ``Trainer`` (as ``workflows.train.build_algorithm``, with a random-weight teacher)."""
     plan_args, overrides = split_args(args)
     cfg = compose_job_config(plan_args, overrides)
     component, tokens = backbone_component(plan_args, cfg)

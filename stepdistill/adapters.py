@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.utils import BaseOutput
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from stepdistill.conditioning import Conditioning
@@ -321,8 +322,6 @@ class GuidanceAdapters(nn.Module):
     # ------------------------------------------------------------------------- files
     def save(self, directory: str | Path) -> Path:
         """``adapters.safetensors`` + ``adapter_config.json`` in ``directory``."""
-        from safetensors.torch import save_file
-
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(out / WEIGHTS))
@@ -333,8 +332,6 @@ class GuidanceAdapters(nn.Module):
     def load(cls, directory: str | Path, denoiser: Denoiser) -> GuidanceAdapters:
         """Adapters saved by ``save`` (or ``stepdistill export format=adapters``), attached to
         ``denoiser`` (the base they were trained on, or another checkpoint of it)."""
-        from safetensors.torch import load_file
-
         root = Path(directory)
         if not (root / CONFIG).is_file() or not (root / WEIGHTS).is_file():
             raise StepdistillError(f"{str(root)!r} holds no adapters ({CONFIG} and {WEIGHTS}): pass the directory "

@@ -5,6 +5,7 @@ User errors print one line (``stepdistill: error: ...``) and exit with status 2,
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 
@@ -34,69 +35,23 @@ commands:
 """
 
 
-def _teacher_train(overrides: Sequence[str]) -> None:
-    from stepdistill.commands import teacher
-    from stepdistill.config import compose
-
-    teacher.train(compose("teacher", overrides))
-
-
-def _teacher_eval(overrides: Sequence[str]) -> None:
-    from stepdistill.commands import teacher
-    from stepdistill.config import compose
-
-    teacher.evaluate(compose("teacher", overrides))
-
-
-def _train(overrides: Sequence[str]) -> None:
-    from stepdistill.commands import train
-
-    train.run(overrides)
-
-
-def _demo(overrides: Sequence[str]) -> None:
-    from stepdistill.commands import demo
-
-    demo.run(overrides)
-
-
-def _sample(overrides: Sequence[str]) -> None:
-    from stepdistill.commands import sample
-
-    sample.run(overrides)
-
-
-def _export(overrides: Sequence[str]) -> None:
-    from stepdistill.commands import export
-
-    export.run(overrides)
-
-
-def _eval(overrides: Sequence[str]) -> None:
-    from stepdistill.commands import evaluate
-
-    evaluate.run(overrides)
-
-
-def _module_main(module: str) -> Callable[[Sequence[str]], None]:
-    """A command whose code lives in ``module`` (imported on use) as ``run(overrides)``."""
+def _module_main(module: str, entry: str = "run") -> Callable[[Sequence[str]], None]:
+    """A command whose code lives in ``module`` (imported on use) as ``entry(overrides)``."""
 
     def command(overrides: Sequence[str]) -> None:
-        import importlib
-
-        importlib.import_module(module).run(overrides)
+        getattr(importlib.import_module(module), entry)(overrides)
 
     return command
 
 
 COMMANDS: dict[tuple[str, ...], Callable[[Sequence[str]], None]] = {
-    ("teacher", "train"): _teacher_train,
-    ("teacher", "eval"): _teacher_eval,
-    ("train",): _train,
-    ("demo",): _demo,
-    ("sample",): _sample,
-    ("export",): _export,
-    ("eval",): _eval,
+    ("teacher", "train"): _module_main("stepdistill.commands.teacher", "run_train"),
+    ("teacher", "eval"): _module_main("stepdistill.commands.teacher", "run_eval"),
+    ("train",): _module_main("stepdistill.commands.train"),
+    ("demo",): _module_main("stepdistill.commands.demo"),
+    ("sample",): _module_main("stepdistill.commands.sample"),
+    ("export",): _module_main("stepdistill.commands.export"),
+    ("eval",): _module_main("stepdistill.commands.evaluate"),
     ("eval-fid",): _module_main("stepdistill.commands.eval_fid"),
     ("eval-clip",): _module_main("stepdistill.commands.eval_clip"),
     ("eval-coco",): _module_main("stepdistill.commands.eval_coco"),

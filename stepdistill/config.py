@@ -6,14 +6,24 @@ that names the key and, where Hydra knows them, the allowed values.
 
 from __future__ import annotations
 
+import copy
+import inspect
 import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException
+from hydra.utils import get_object
+from hydra.utils import instantiate as hydra_instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
 from stepdistill.errors import StepdistillError
+from stepdistill.tiny_stacks import tiny_stack_dir
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 ASSETS_DIR = PACKAGE_DIR / "assets"
@@ -37,26 +47,77 @@ def _register_resolvers() -> None:
 
 def _tiny_stack(kind: str) -> str:
     """``${tiny_stack:sd15}``: the path of a tiny SD stack built into the cache on first use."""
-    from stepdistill.tiny_stacks import tiny_stack_dir
-
     return str(tiny_stack_dir(kind))
+
+
+#: keys that were renamed, per config (``configs/<name>.yaml``): old key -> new key. An override that
+#: names an old key is a one-line error naming the new one (``check_renamed``).
+RENAMED_KEYS: dict[str, dict[str, str]] = {
+    "teacher": {"guidance_scale": "teacher.guidance_scale"},
+}
+
+#: command-line group names kept after a rename of the group, per config: alias -> group. The teacher
+#: recipes (``configs/teacher_recipe/``) are still chosen with the documented ``dataset=toy2d|digits``.
+GROUP_ALIASES: dict[str, dict[str, str]] = {
+    "teacher": {"dataset": "teacher_recipe"},
+}
+
+
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def check_renamed(name: str, overrides: Sequence[str]) -> None:
+    """A one-line error for an override of a key that ``RENAMED_KEYS`` says was renamed."""
+    renamed = RENAMED_KEYS.get(name, {})
+    for override in overrides:
+        key = _override_key(override)
+        for old, new in renamed.items():
+            if key == old or key.startswith(old + "."):
+                value = override.split("=", 1)[1] if "=" in override else "..."
+                raise StepdistillError(f"{old} was renamed {new}: write {new + key[len(old):]}={value}")
+
+
+def _alias_groups(name: str, overrides: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """``overrides`` with aliased group names (``dataset=``) replaced by the groups' own names, and
+    the {group: alias} used (to name the alias back in errors)."""
+    aliases = GROUP_ALIASES.get(name, {})
+    out, used = [], {}
+    for override in overrides:
+        key = override.split("=", 1)[0]
+        if "=" in override and key in aliases:
+            used[aliases[key]] = key
+            override = f"{aliases[key]}={override.split('=', 1)[1]}"
+        out.append(override)
+    return out, used
+
+
+#: top-level nodes that are also config groups (configs/<group>/): ``critic=null`` drops the group
+NULLABLE_GROUPS = ("algorithm", "generator", "critic")
+
+
+def _null_group(override: str) -> str:
+    """``critic=null`` (a node that is also a group) as ``~critic``: Hydra takes ``group=null`` for a
+    group choice, which it refuses; deleting the choice leaves ``train.yaml``'s null."""
+    key, _, value = override.partition("=")
+    return f"~{key}" if key in NULLABLE_GROUPS and value.strip() in ("null", "None", "~") else override
 
 
 def compose(name: str, overrides: Sequence[str] = ()) -> DictConfig:
     """Compose ``configs/<name>.yaml`` with Hydra overrides; user errors as StepdistillError."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
+    check_renamed(name, overrides)
+    overrides, aliased = _alias_groups(name, overrides)
+    overrides = [_null_group(o) for o in overrides]
     _register_resolvers()
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(str(configs_dir()), version_base="1.3"):
             cfg = hydra_compose(name, overrides=list(overrides))
-    except (HydraException, OmegaConfBaseException) as e:
-        raise StepdistillError(_one_line(e)) from None
+    except (HydraException, OmegaConfBaseException, ValueError) as e:
+        message = _one_line(e)
+        for group, alias in aliased.items():
+            message = message.replace(f"unknown {group} ", f"unknown {alias} ")
+        raise StepdistillError(message) from None
     return cfg
 
 
@@ -78,7 +139,7 @@ def compose_train(overrides: Sequence[str]) -> DictConfig:
     if chosen and chosen[-1] not in allowed:
         raise StepdistillError(f"unknown experiment {chosen[-1]!r}; allowed: {', '.join(allowed) or '(none)'}")
     try:
-        cfg = compose("train", overrides)
+        cfg = compose("train", _default_key_overrides(overrides))
     except StepdistillError:
         _check_critic_overrides(overrides)
         raise
@@ -87,7 +148,66 @@ def compose_train(overrides: Sequence[str]) -> DictConfig:
                                f"{', '.join(allowed) or '(none)'}")
     if cfg.experiment_name is None and chosen:
         cfg.experiment_name = chosen[-1]
+    complete_roles(cfg)
     return cfg
+
+
+def _default_key_overrides(overrides: Sequence[str]) -> list[str]:
+    """``overrides`` with ``<role>.<key>=v`` written ``+<role>.<key>=v`` where ``key`` is a signature
+    default the YAML does not state (``algorithm.divergence=forward_kl`` on an experiment that keeps
+    f-distill's default): Hydra refuses to override a key it has not seen. Other keys stay as given,
+    so a misspelt one is still refused."""
+    plain = [o for o in overrides if "=" in o and not o.startswith(("+", "~"))
+             and o.split("=", 1)[0].split(".", 1)[0] in ROLE_NODES and "." in o.split("=", 1)[0]]
+    if not plain:
+        return list(overrides)
+    base = compose("train", [o for o in overrides if o not in plain])
+    filled = complete_roles(copy.deepcopy(base))
+    out = []
+    for o in overrides:
+        if o in plain:
+            role, key = o.split("=", 1)[0].split(".", 2)[:2]
+            node, full = base.get(role), filled.get(role)
+            if isinstance(node, DictConfig) and key not in node and isinstance(full, DictConfig) and key in full:
+                o = "+" + o
+        out.append(o)
+    return out
+
+
+#: the composed nodes whose YAML holds only what differs from their target's signature
+ROLE_NODES = ("generator", "critic", "algorithm", "trajectories")
+#: parameters that the commands pass at build time, never written in a config
+BUILD_ARGUMENTS = frozenset({"denoiser", "teacher", "generator", "critic", "data", "copy"})
+
+
+def complete_roles(cfg: DictConfig) -> DictConfig:
+    """Fill the generator, critic, algorithm (and AGD's trajectories) nodes with their targets'
+    signature defaults.
+
+    The group and experiment files state only values that differ from a signature
+    (``configs/algorithm/``, ``generator/``, ``critic/``); the composed config, and so a run's
+    ``config.yaml`` and everything that reads it, still names every effective value.
+    """
+    for key in ROLE_NODES:
+        node = cfg.get(key)
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            continue
+        try:
+            params = inspect.signature(get_object(str(node._target_))).parameters
+        except Exception:  # noqa: BLE001 - an unimportable target: instantiate names it later
+            continue
+        with open_dict(node):
+            for pname, p in params.items():
+                if pname in BUILD_ARGUMENTS or pname in node or p.default is p.empty or not _plain(p.default):
+                    continue
+                node[pname] = list(p.default) if isinstance(p.default, tuple) else p.default
+    return cfg
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
 
 
 def _check_critic_overrides(overrides: Sequence[str]) -> None:
@@ -138,9 +258,6 @@ def instantiate(node: Any, **kwargs: Any) -> Any:
 
     Runtime objects (teacher, data, ...) are passed as keyword arguments, as the design asks.
     """
-    from hydra.utils import get_object
-    from hydra.utils import instantiate as hydra_instantiate
-
     target = node.get("_target_") if isinstance(node, DictConfig) else None
     if target is not None:
         try:
@@ -159,8 +276,6 @@ def instantiate(node: Any, **kwargs: Any) -> Any:
 
 def check_keys(target: str, fn: Any, keys: Sequence[str]) -> None:
     """Every key must be a parameter of ``fn`` (unless it takes ``**kwargs``)."""
-    import inspect
-
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from stepdistill.conditioning import Conditioning
+from stepdistill.denoisers.loading import load_denoiser
 from stepdistill.errors import StepdistillError
 from stepdistill.roles import Generator, Teacher
 from stepdistill.sampling import ode_sample, renoise_sample
@@ -185,8 +186,6 @@ def run_teacher(config) -> Teacher:
     """The teacher of a run config (``teacher.path``) at the scale its evaluation uses:
     ``algorithm.guidance_scale`` when set (the scale the student was distilled against), else
     ``teacher.guidance_scale`` (default 1)."""
-    from stepdistill.denoisers.loading import load_denoiser
-
     node = config.get("teacher") if config is not None else None
     path = node.get("path") if node is not None else None
     if not path:

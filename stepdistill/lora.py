@@ -23,6 +23,7 @@ from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from stepdistill.dtensors import shaped_like, whole
 
@@ -170,8 +171,6 @@ def checkpoint_contexts(module: nn.Module) -> tuple[contextlib.AbstractContextMa
 def gradient_checkpointing_func(module: nn.Module, *args: object) -> object:
     """A ``gradient_checkpointing_func`` for diffusers' ``enable_gradient_checkpointing``: torch's
     non-reentrant checkpoint of ``module(*args)`` that recomputes with the forward's adapters."""
-    from torch.utils.checkpoint import checkpoint
-
     return checkpoint(module.__call__, *args, use_reentrant=False, context_fn=lambda: checkpoint_contexts(module))
 
 

@@ -169,6 +169,39 @@ def sid_generator_loss(x_g: Tensor, y_real: Tensor, y_fake: Tensor, alpha: float
     return (diff * ((y_r - x) - alpha * diff)).flatten(1).sum(1) / norm
 
 
+#: EDM's training distribution and data scale (Karras et al. 2022, Table 1): ln sigma ~ N(P_mean, P_std^2)
+EDM_P_MEAN, EDM_P_STD, EDM_SIGMA_DATA = -1.2, 1.2, 0.5
+
+
+def edm_weight(sigma: Tensor, sigma_data: float = EDM_SIGMA_DATA) -> Tensor:
+    """EDM's loss weight ``lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2``
+    (Karras et al. 2022, Table 1), which makes the effective target of its F_theta unit-variance."""
+    s = sigma.double()
+    return (s * s + sigma_data * sigma_data) / (s * sigma_data) ** 2
+
+
+def edm_denoising_loss(x0_pred: Tensor, x0: Tensor, sigma: Tensor, sigma_data: float = EDM_SIGMA_DATA) -> Tensor:
+    """EDM's denoising loss per sample (Karras et al. 2022, eq. 8 with Table 1's weighting):
+    ``lambda(sigma) * mean_CHW (D(x; sigma) - x0)^2``, D the denoiser's x0 prediction.
+
+    The official pixel-space SiD trains its fake score with it, sigma drawn log-normal
+    (``EDM_P_MEAN``, ``EDM_P_STD``). In this project's time convention (t in [0, 1], t = 0 data,
+    ``x_t = alpha(t) x0 + sigma(t) eps``) EDM's sigma is the VP ratio ``sigma(t) / alpha(t)``
+    (x_t / alpha(t) = x0 + sigma_EDM eps); ``NoiseSchedule.t_from_sigma_ratio`` gives the t of a
+    drawn sigma. A mean over elements where EDM sums (a constant factor: Adam is invariant to it).
+
+    Args:
+        x0_pred: [B, ...] the denoiser's x0 at x_t.
+        x0: [B, ...] the clean samples x_t was made from.
+        sigma: [B] EDM noise levels (sigma(t) / alpha(t)) of each sample.
+        sigma_data: EDM's sigma_data (0.5).
+    Returns:
+        [B] float32 losses.
+    """
+    err = (x0_pred.float() - x0.float()).pow(2).flatten(1).mean(1)
+    return (edm_weight(sigma.to(err.device), sigma_data) * err.double()).float()
+
+
 ICT_HUBER_C = 0.00054  # iCT's c = 0.00054 sqrt(d) for d-dimensional samples
 
 

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
+from stepdistill.adapters import GuidanceAdapters
 from stepdistill.conditioning import Conditioning
 from stepdistill.denoisers.base import Denoiser
 from stepdistill.denoisers.guidance_embedding import add_guidance_embedding, embedding_dim
@@ -311,8 +312,6 @@ class AdapterGenerator(Generator):
                  kind: str = "cross_attention", dim: int = 64, attn_dim: int = 16, heads: int = 1,
                  target_modules: list[str] | str | None = None, adapters_path: str | None = None,
                  copy: bool = False) -> None:
-        from stepdistill.adapters import GuidanceAdapters
-
         super().__init__(denoiser, steps=steps, t_max=t_max, copy=copy)
         self.denoiser.requires_grad_(False)
         self.guidance_scale = float(guidance_scale)

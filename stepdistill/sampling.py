@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from stepdistill.schedules import NoiseSchedule, Prediction
 
@@ -34,7 +35,6 @@ def ode_sample(predict_x0: PredictX0, schedule: NoiseSchedule, noise: Tensor, st
     x = noise
     iterator = range(len(grid) - 1)
     if progress:
-        from tqdm.auto import tqdm
         iterator = tqdm(iterator, desc="sampling", leave=False)
     for i in iterator:
         t, t_next = grid[i], grid[i + 1]

@@ -207,6 +207,25 @@ class NoiseSchedule:
             return float(self.from_model_time(torch.tensor(float(self._table_step(t_max)))))
         return float(self.shift_time(torch.tensor(float(t_max))).clamp(1e-4, 1.0))
 
+    def t_from_sigma_ratio(self, ratio: Tensor) -> Tensor:
+        """The time t [B] at which ``sigma(t) / alpha(t)`` equals ``ratio`` [B] (EDM's sigma of a
+        VP or flow schedule), float64, clamped to [0, 1] beyond the schedule's range.
+
+        Flow: sigma / alpha = t / (1 - t), so t = ratio / (1 + ratio). VP: alpha_bar(t) = 1 / (1 +
+        ratio^2), found on the table's piecewise-linear log alpha_bar (the inverse of ``alpha``).
+        """
+        r = torch.as_tensor(ratio, dtype=torch.float64)
+        if self.kind == "flow":
+            return (r / (1 + r)).clamp(0.0, 1.0)
+        target = -torch.log1p(r * r)  # log alpha_bar, decreasing in t
+        neg = -self._log_ab.to(r.device)  # increasing
+        n = self.num_train_timesteps
+        hi = torch.searchsorted(neg, -target).clamp(1, n - 1)
+        lo = hi - 1
+        a, b = neg[lo], neg[hi]
+        frac = ((-target - a) / (b - a).clamp_min(1e-300)).clamp(0.0, 1.0)
+        return ((lo.double() + frac) / (n - 1)).clamp(0.0, 1.0)
+
     def _table_step(self, t: float) -> int:
         """The VP table step that training time ``t`` in [0, 1] rounds to."""
         return round(t * (self.num_train_timesteps - 1))

@@ -13,12 +13,38 @@ sequences of ``MAX_LENGTH`` tokens. Building and one forward take well under a s
 from __future__ import annotations
 
 import os
+import shutil
 import string
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+)
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessorPil,
+    CLIPModel,
+    CLIPProcessor,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
+
+from stepdistill.cache import cache_dir
+from stepdistill.errors import StepdistillError
 
 COLOURS = ("red", "green", "blue", "yellow", "black", "white", "orange", "purple")
 SHAPES = ("circle", "square", "triangle", "star", "line", "ring")
@@ -66,8 +92,6 @@ def _bpe_merges(words: tuple[str, ...]) -> list[tuple[str, str]]:
 def tiny_clip_tokenizer(words: tuple[str, ...] = WORDS, max_length: int = MAX_LENGTH) -> Any:
     """A byte-level BPE ``CLIPTokenizer`` that knows ``words`` whole; ids laid out like CLIP's
     (256 bytes, 256 bytes + ``</w>``, merges, then ``<|startoftext|>``, ``<|endoftext|>``)."""
-    from transformers import CLIPTokenizer
-
     alphabet = _byte_alphabet()
     merges = _bpe_merges(words)
     tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges]
@@ -79,8 +103,6 @@ def tiny_clip_tokenizer(words: tuple[str, ...] = WORDS, max_length: int = MAX_LE
 
 def tiny_t5_tokenizer(words: tuple[str, ...] = WORDS) -> Any:
     """A unigram ``T5Tokenizer``: pad 0, eos 1, unk 2, then whole words and single characters."""
-    from transformers import T5Tokenizer
-
     chars = sorted({c for w in words for c in w} | set(string.ascii_letters + string.digits + string.punctuation))
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
     vocab += [("▁" + w, -1.0) for w in words] + [(c, -5.0) for c in chars]
@@ -88,8 +110,6 @@ def tiny_t5_tokenizer(words: tuple[str, ...] = WORDS) -> Any:
 
 
 def _clip_text_model(tokenizer: Any, projection: bool, seed: int) -> Any:
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
     config = CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                             **_CLIP)
@@ -99,8 +119,6 @@ def _clip_text_model(tokenizer: Any, projection: bool, seed: int) -> Any:
 
 # --------------------------------------------------------------------------- components
 def _vae(latent_channels: int, seed: int, **extra: Any) -> Any:
-    from diffusers import AutoencoderKL
-
     torch.manual_seed(seed)
     return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels,
                          down_block_types=("DownEncoderBlock2D",) * 2,
@@ -110,8 +128,6 @@ def _vae(latent_channels: int, seed: int, **extra: Any) -> Any:
 
 def sd15_components(seed: int = SEED) -> dict[str, Any]:
     """Keyword arguments for ``StableDiffusionPipeline``: a tiny eps-prediction SD1.5-like stack."""
-    from diffusers import DDIMScheduler, UNet2DConditionModel
-
     tokenizer = tiny_clip_tokenizer()
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -126,8 +142,6 @@ def sd15_components(seed: int = SEED) -> dict[str, Any]:
 
 def sdxl_components(seed: int = SEED) -> dict[str, Any]:
     """Keyword arguments for ``StableDiffusionXLPipeline``: two CLIP encoders, a "text_time" UNet."""
-    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
-
     tokenizer, tokenizer_2 = tiny_clip_tokenizer(), tiny_clip_tokenizer()
     time_embed_dim = 8
     torch.manual_seed(seed)
@@ -150,9 +164,6 @@ def sdxl_components(seed: int = SEED) -> dict[str, Any]:
 def sd3_components(seed: int = SEED, with_t5: bool = True) -> dict[str, Any]:
     """Keyword arguments for ``StableDiffusion3Pipeline``: a flow transformer, two CLIP encoders with
     projection and (unless ``with_t5=False``) a tiny T5 encoder; FlowMatchEuler with shift 3."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from transformers import T5Config, T5EncoderModel
-
     tokenizer, tokenizer_2 = tiny_clip_tokenizer(), tiny_clip_tokenizer()
     joint_dim = 2 * _CLIP["hidden_size"]  # both CLIP hidden states side by side == T5's d_model
     torch.manual_seed(seed)
@@ -179,8 +190,6 @@ def sd3_components(seed: int = SEED, with_t5: bool = True) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- builders
 def _save(pipeline_cls: str, components: dict[str, Any], out_dir: str | Path) -> Path:
-    import diffusers
-
     out = Path(out_dir)
     getattr(diffusers, pipeline_cls)(**components).save_pretrained(out)
     return out
@@ -209,9 +218,6 @@ def build_tiny_clip(out_dir: str | Path, seed: int = SEED) -> Path:
     """Save a tiny random ``CLIPModel`` + ``CLIPProcessor`` (hidden 32, 2 layers, 32x32 images in
     8x8 patches, 16-d projections, the tiny tokenizer) to ``out_dir`` as a real CLIP directory is
     laid out, for CLIP-score tests; returns its path."""
-    import torch
-    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
-
     tokenizer = tiny_clip_tokenizer()
     tower = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2)
     config = CLIPConfig(
@@ -235,11 +241,6 @@ BUILDERS = {"sd15": build_tiny_sd15, "sdxl": build_tiny_sdxl, "sd3": build_tiny_
 def tiny_stack_dir(kind: str) -> Path:
     """The tiny ``kind`` stack (sd15 | sdxl | sd3) under the cache, built on first use (deterministic:
     the same seed gives the same weights), so configs can name a local teacher without shipping one."""
-    import shutil
-
-    from stepdistill.cache import cache_dir
-    from stepdistill.errors import StepdistillError
-
     if kind not in BUILDERS:
         raise StepdistillError(f"unknown tiny stack {kind!r}; allowed: {', '.join(BUILDERS)}")
     out = cache_dir() / "tiny_stacks" / f"{kind}-seed{SEED}"

@@ -30,6 +30,7 @@ class AdapterGuidanceDistillation(Algorithm):
     """
 
     phases = ("generator",)
+    trains_on_trajectories = True
 
     def __init__(self, teacher: Teacher, generator: AdapterGenerator, seed: int = 0) -> None:
         if not isinstance(generator, AdapterGenerator):

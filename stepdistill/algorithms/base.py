@@ -18,27 +18,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from stepdistill.batch import Batch
 from stepdistill.conditioning import Conditioning
 from stepdistill.roles import Generator, Teacher
-
-
-@dataclass
-class Batch:
-    """One training batch: real data (None for data-free methods) and its conditions.
-
-    Attributes:
-        x0: [B, ...] real samples (pixels or latents), or None.
-        cond: the conditions to generate for (class labels / prompt embeddings / none).
-        extras: other per-sample tensors [B, ...] an algorithm reads (AGD's stored trajectory
-            records: ``x_t``, ``t``, ``scale``, ``target``).
-    """
-
-    cond: Conditioning
-    x0: Tensor | None = None
-    extras: dict[str, Tensor] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return len(self.cond)
 
 
 @dataclass
@@ -50,7 +32,8 @@ class LossOutput:
 
 
 class Algorithm(nn.Module):
-    """Base class: subclasses set ``phases`` and implement ``trainable`` and ``loss``.
+    """Base class: subclasses set ``phases`` (and ``trains_on_trajectories``) and implement
+    ``trainable`` and ``loss``.
 
     Args:
         teacher: the frozen teacher (not a submodule that trains; never prepared for training).
@@ -59,6 +42,9 @@ class Algorithm(nn.Module):
     """
 
     phases: tuple[str, ...] = ("generator",)
+    #: trains on the teacher's stored guided trajectories (``stepdistill.data.trajectories``, the
+    #: experiment's ``trajectories`` node) instead of the task's batches: AGD
+    trains_on_trajectories: bool = False
 
     def __init__(self, teacher: Teacher, generator: Generator, seed: int = 0) -> None:
         super().__init__()

@@ -24,13 +24,13 @@ from torch import Tensor, nn
 
 from stepdistill.algorithms.base import Algorithm, Batch, LossOutput, unwrap
 from stepdistill.algorithms.common import checked_gan_t_max, noised
+from stepdistill.ema import EMA
 from stepdistill.errors import StepdistillError
 from stepdistill.lora import LoraEMA, has_lora
 from stepdistill.losses import consistency_loss, gan_discriminator_loss, gan_generator_loss
 from stepdistill.roles import ConsistencyGenerator, Critic, Teacher
 from stepdistill.sampling import ddim_invert, ddim_jump
 from stepdistill.schedules import NoiseSchedule
-from stepdistill.training.ema import EMA
 
 
 class ConsistencyDistillation(Algorithm):

@@ -29,7 +29,10 @@ from stepdistill.conditioning import Conditioning
 from stepdistill.errors import StepdistillError
 from stepdistill.guidance import cfg, parse_scale
 from stepdistill.losses import (
+    EDM_P_MEAN,
+    EDM_P_STD,
     denoising_loss,
+    edm_denoising_loss,
     gan_discriminator_loss,
     gan_generator_loss,
     sid_generator_loss,
@@ -38,6 +41,7 @@ from stepdistill.roles import Critic, Generator, Teacher
 from stepdistill.schedules import Prediction
 
 CFG_MODES = ("lsg", "zero", "anti")
+CRITIC_LOSSES = ("eps_uniform", "edm")
 
 
 class SiD(CriticGeneratorAlgorithm):
@@ -65,6 +69,15 @@ class SiD(CriticGeneratorAlgorithm):
             parameters, batch 64, CPU) a generator step took 1.6-1.7x the time and kept 2.9x the
             activations for backward (134 vs 45 MiB).
         critic_updates_per_generator_update: critic steps per generator step (1 in SiD).
+        critic_t_min, critic_t_max: range of t for the critic's denoising loss (default [0, 1], the
+            full range; SiD-LSG trains both phases on timesteps [20, 980): 0.02, 0.98). With
+            ``critic_loss="edm"`` the drawn t is clamped into this range.
+        critic_loss: the critic's denoising loss. "eps_uniform" (default): the network's own
+            regression target (eps for SD) at t uniform over the range, as SiD-LSG does for Stable
+            Diffusion. "edm": the official pixel-space SiD's EDM loss (Karras et al. 2022, eq. 8 /
+            Table 1): ln sigma ~ N(-1.2, 1.2^2) as a VP sigma ratio sigma / alpha, mapped to t
+            (``NoiseSchedule.t_from_sigma_ratio``), weighted x0 error ``losses.edm_denoising_loss``;
+            meant for pixel-space teachers.
         cfg_mode: "lsg" (the three scales below), "zero" (teacher without CFG, critic unconditional)
             or "anti" (teacher without CFG, critic evaluated at ``guidance_eval_critic`` < 1, i.e. a
             negative guidance strength s - 1; the paper's exact value is not pinned down here).
@@ -83,6 +96,7 @@ class SiD(CriticGeneratorAlgorithm):
     def __init__(self, teacher: Teacher, generator: Generator, critic: Critic, *, alpha: float = 1.2,
                  t_min: float = 0.02, t_max: float = 0.8, generator_loss_scale: float = 100.0,
                  grad_through_scores: bool = True, critic_updates_per_generator_update: int = 1,
+                 critic_t_min: float = 0.0, critic_t_max: float = 1.0, critic_loss: str = "eps_uniform",
                  cfg_mode: str = "lsg", guidance_teacher: float | list[float] | None = None,
                  guidance_train_critic: float = 1.0, guidance_eval_critic: float = 1.0,
                  gan_weight: float = 0.0, gan_critic_weight: float = 1e-2, gan_warmup_steps: int = 0,
@@ -91,6 +105,8 @@ class SiD(CriticGeneratorAlgorithm):
         self.critic = critic
         self.alpha = float(alpha)
         self.t_min, self.t_max = float(t_min), float(t_max)
+        self.critic_t_min, self.critic_t_max = float(critic_t_min), float(critic_t_max)
+        self.critic_loss = str(critic_loss)
         self.generator_loss_scale = float(generator_loss_scale)
         self.grad_through_scores = bool(grad_through_scores)
         self.ratio = int(critic_updates_per_generator_update)
@@ -146,19 +162,29 @@ class SiD(CriticGeneratorAlgorithm):
 
     # ----------------------------------------------------------------- critic phase
     def _critic_loss(self, batch: Batch, step: int) -> LossOutput:
-        """SiD Algorithm 1, fake-score update: denoising loss on stopgrad(x_g) over the full t range
-        (with the critic's guided output under LSG), plus the discriminator loss when the GAN is on."""
+        """SiD Algorithm 1, fake-score update: denoising loss on stopgrad(x_g) over t in
+        [critic_t_min, critic_t_max] (``critic_loss``; with the critic's guided output under LSG), plus
+        the discriminator loss when the GAN is on."""
         x = self.student_sample(batch.cond, step, grad=False)
         schedule = self.teacher.schedule
         eps = torch.randn_like(x)
-        t = schedule.sample_time(len(x), device=x.device)
-        x_t = schedule.add_noise(x, eps, t)
-        native = unwrap(self.critic).denoiser.prediction
         cond_f = self.critic_condition(batch.cond)
         want_logits = self.gan_weight > 0
-        pred, logits_fake = self._critic_predict(x_t, t, cond_f, self.guidance_train_critic, out=native,
-                                                 logits=want_logits)
-        denoise = denoising_loss(pred, schedule.target(x, eps, t, native)).mean()
+        if self.critic_loss == "edm":  # EDM's log-normal sigma, as a VP sigma ratio, mapped to t
+            ratio = (EDM_P_MEAN + EDM_P_STD * torch.randn(len(x), dtype=torch.float64)).exp()
+            t = schedule.t_from_sigma_ratio(ratio).clamp(self.critic_t_min, self.critic_t_max).to(x.device)
+            x_t = schedule.add_noise(x, eps, t)
+            pred, logits_fake = self._critic_predict(x_t, t, cond_f, self.guidance_train_critic, out=Prediction.X0,
+                                                     logits=want_logits)
+            sigma = schedule.sigma(t) / schedule.alpha(t).clamp_min(1e-12)  # the ratio at the clamped t
+            denoise = edm_denoising_loss(pred, x, sigma).mean()
+        else:
+            t = schedule.sample_time(len(x), device=x.device, t_min=self.critic_t_min, t_max=self.critic_t_max)
+            x_t = schedule.add_noise(x, eps, t)
+            native = unwrap(self.critic).denoiser.prediction
+            pred, logits_fake = self._critic_predict(x_t, t, cond_f, self.guidance_train_critic, out=native,
+                                                     logits=want_logits)
+            denoise = denoising_loss(pred, schedule.target(x, eps, t, native)).mean()
         logs: dict[str, float | Tensor] = {"critic_denoising_loss": denoise.detach()}
         loss = denoise
         if want_logits:
@@ -217,6 +243,11 @@ def _check(algo: SiD, critic: Critic) -> None:
     if not 0.0 <= algo.t_min < algo.t_max <= 1.0:
         raise StepdistillError(f"algorithm.t_min, t_max must satisfy 0 <= t_min < t_max <= 1 "
                                f"(got {algo.t_min}, {algo.t_max})")
+    if not 0.0 <= algo.critic_t_min < algo.critic_t_max <= 1.0:
+        raise StepdistillError(f"algorithm.critic_t_min, critic_t_max must satisfy 0 <= critic_t_min < critic_t_max "
+                               f"<= 1 (got {algo.critic_t_min}, {algo.critic_t_max})")
+    if algo.critic_loss not in CRITIC_LOSSES:
+        raise StepdistillError(f"unknown algorithm.critic_loss {algo.critic_loss!r}; allowed: {', '.join(CRITIC_LOSSES)}")
     if algo.gan_weight < 0 or algo.gan_critic_weight < 0 or algo.gan_warmup_steps < 0:
         raise StepdistillError("algorithm.gan_weight, gan_critic_weight and gan_warmup_steps must be >= 0")
     if algo.gan_weight > 0 and critic.head is None:

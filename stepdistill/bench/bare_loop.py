@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from stepdistill.algorithms.base import Algorithm, unwrap
-from stepdistill.training.ema import EMA
+from stepdistill.ema import EMA
 from stepdistill.training.optim import OptimConfig, build_optimizer, build_schedule
 from stepdistill.training.settings import TrainerConfig
 from stepdistill.training.trainer import phase_parameters, slice_batch

@@ -12,10 +12,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from omegaconf import DictConfig
 
 from stepdistill.errors import StepdistillError
+from stepdistill.training.callbacks import LoggerConfig
+from stepdistill.workflows.train import build_trainer
 
 #: warm-up and timed iterations of the probe; multiples of 6 so the 1:1 (SiD) and 2:1 (DMD2,
 #: f-distill) critic / generator cycles are timed whole
@@ -41,9 +44,6 @@ def probe(cfg: DictConfig, warmup: int = PROBE_WARMUP, iterations: int = PROBE_I
     Nothing is written into ``cfg.output_dir`` except, for AGD, the teacher's trajectories (which the
     run then reuses).
     """
-    from stepdistill.commands.train import build_trainer
-    from stepdistill.training.callbacks import LoggerConfig
-
     if iterations < 1 or warmup < 0:
         raise StepdistillError(f"the probe needs iterations >= 1 and warmup >= 0, got {iterations}, {warmup}")
     start = time.perf_counter()
@@ -110,8 +110,6 @@ def scale_stages(stage_steps: list[int], configured: int, max_steps: int) -> lis
 
 
 def _path(value):
-    from pathlib import Path
-
     if not value:
         raise StepdistillError("output_dir is required")
     return Path(str(value))

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from stepdistill.args import parse_args
 from stepdistill.config import configs_dir
 from stepdistill.errors import StepdistillError
 
@@ -22,8 +23,6 @@ DATASETS = ("toy2d", "digits")
 def parse_bench_args(overrides: Sequence[str], keys: dict[str, str], suite: str) -> dict[str, Any]:
     """``key=value`` arguments of ``stepdistill bench <suite>`` typed by ``keys`` (str, int, float,
     bool, ints, strs); ``output_dir`` is required and ``dataset`` checked against :data:`DATASETS`."""
-    from stepdistill.commands.sample import parse_args
-
     floats = {k for k, v in keys.items() if v == "float"}
     lists = {k for k, v in keys.items() if v == "strs"}
     typed = {k: ("str" if k in floats | lists else v) for k, v in keys.items()}
@@ -115,9 +114,6 @@ def write_suite(output_dir: str | Path, suite: str, payload: dict[str, Any], tab
     header = f"# stepdistill bench {suite}\n\n{title or ''}\n\n" if title else f"# stepdistill bench {suite}\n\n"
     (out / f"bench_{suite}.md").write_text(f"{header}{machine_line(info)}\n\n{table}")
     if plot is not None:
-        import matplotlib
-
-        matplotlib.use("Agg")
         plot(out / f"bench_{suite}.png")
     print(f"bench {suite}: {path} (+ .md{', .png' if plot else ''})")
     return path

@@ -2,7 +2,7 @@
 [batch_size=N] [cpu=false] [jobs=1]``: peak memory and trainable parameters per experiment.
 
 Each experiment is built exactly as ``stepdistill train`` builds it (``compose_train``,
-``commands.train.build_trainer``) in a process of its own, and
+``workflows.train.build_trainer``) in a process of its own, and
 runs ``iterations`` optimizer steps, more if needed for every phase to run once (DMD2's critic
 updates come first), through ``Trainer.train_step`` (the optimizers' state included). Memory:
 
@@ -28,24 +28,43 @@ full run's (up to 8 shards of 256 trajectories). ``.memory_runs`` is deleted at 
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import accelerate  # noqa: F401  (the libraries every experiment imports, before the first RSS reading)
+import diffusers  # noqa: F401
+import torch
+from accelerate.utils import set_seed
+from diffusers import ModelMixin  # noqa: F401  (diffusers imports its models lazily)
+from torch.profiler import ProfilerActivity, profile
+
+from stepdistill.adapters import parameter_count
+from stepdistill.algorithms.base import unwrap
 from stepdistill.bench.common import (
     markdown_table,
     parse_bench_args,
     shipped_experiments,
     write_suite,
 )
+from stepdistill.bench.provenance import config_sha
+from stepdistill.config import compose_train
+from stepdistill.config import experiments as known_experiments
 from stepdistill.errors import StepdistillError
+from stepdistill.eval.report import pyplot
+from stepdistill.lora import has_lora
+from stepdistill.roles import AdapterGenerator
+from stepdistill.workflows.train import build_trainer
 
 KEYS = {"output_dir": "str", "dataset": "str", "experiments": "strs", "iterations": "int", "batch_size": "int",
         "cpu": "bool", "jobs": "int"}
@@ -61,8 +80,6 @@ COLUMNS_CUDA = [*COLUMNS_CPU[:-3], "cuda_baseline_mib", "cuda_peak_mib", "peak_r
 
 def run(overrides: Sequence[str]) -> Path:
     """Measure every experiment in a child process; write bench_memory.json / .md / .png."""
-    from stepdistill.config import experiments as known_experiments
-
     args = parse_bench_args(overrides, KEYS, "memory")
     dataset = args.get("dataset", "digits")
     chosen = args.get("experiments") or shipped_experiments(dataset)
@@ -113,8 +130,6 @@ def _measure_all(specs: list[dict[str, Any]], jobs: int) -> list[dict[str, Any]]
             rows.append(measure(spec))
             print(_summary(rows[-1]), flush=True)
         return rows
-    from concurrent.futures import ThreadPoolExecutor
-
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         rows = list(pool.map(measure, specs))
     for row in rows:
@@ -131,8 +146,6 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _needs_trajectories(experiment: str) -> bool:
-    from stepdistill.commands.train import compose_train
-
     return compose_train([f"experiment={experiment}"]).get("trajectories") is not None
 
 
@@ -173,16 +186,6 @@ def measure_here(experiment: str, work_dir: str | Path, iterations: int, batch_s
                  cpu: bool = False, collect_only: bool = False) -> dict[str, Any]:
     """Build ``experiment`` as training does and measure ``iterations`` steps in this process (run
     it in a fresh one: :func:`measure`)."""
-    import gc
-
-    import accelerate  # noqa: F401  (the libraries every experiment imports, before the first RSS reading)
-    import diffusers  # noqa: F401
-    import torch
-    from accelerate.utils import set_seed
-    from diffusers import ModelMixin  # noqa: F401  (diffusers imports its models lazily)
-
-    from stepdistill.commands.train import build_trainer, compose_train
-
     imports_rss = _mib(current_rss_kib())
     work = Path(work_dir)
     overrides = [f"experiment={experiment}", f"output_dir={work / 'run'}", f"trainer.max_steps={iterations}",
@@ -202,7 +205,8 @@ def measure_here(experiment: str, work_dir: str | Path, iterations: int, batch_s
     if collect_only:
         return {"collected": str(cfg.trajectories.path)}
     algorithm, trainer_cfg, accelerator = trainer.algorithm, trainer.config, trainer.accelerator
-    row = {"experiment": experiment, "algorithm": type(algorithm).__name__, **parameter_counts(trainer),
+    row = {"experiment": experiment, "config_sha": config_sha(experiment), "algorithm": type(algorithm).__name__,
+           **parameter_counts(trainer),
            "batch_size": int(trainer_cfg.batch_size), "iterations": int(iterations),
            "device": str(accelerator.device)}
     gc.collect()
@@ -235,9 +239,6 @@ def measure_here(experiment: str, work_dir: str | Path, iterations: int, batch_s
 
 def parameter_counts(trainer: Any) -> dict[str, Any]:
     """The generator's kind, trained and total parameters, and every phase's trained count."""
-    from stepdistill.adapters import parameter_count
-    from stepdistill.algorithms.base import unwrap
-
     generator = unwrap(trainer.algorithm.generator)
     trained = {id(p): p for params in trainer.phase_params.values() for p in params}
     trainable = sum(p.numel() for p in generator.parameters() if id(p) in trained)
@@ -252,15 +253,10 @@ def parameter_counts(trainer: Any) -> dict[str, Any]:
 def generator_kind(generator: Any) -> str:
     """``adapters`` (an AdapterGenerator: guidance adapters on a frozen base), ``lora`` (LoRA layers
     in the backbone) or ``full`` (a trainable copy)."""
-    from stepdistill.algorithms.base import unwrap
-    from stepdistill.roles import AdapterGenerator
-
     generator = unwrap(generator)
     if isinstance(generator, AdapterGenerator):
         return "adapters"
     if "peft" in sys.modules:  # LoRA layers are peft's: without it imported there are none (and no import)
-        from stepdistill.lora import has_lora
-
         if has_lora(generator.denoiser.backbone):
             return "lora"
     return "full"
@@ -271,8 +267,6 @@ def allocation_peak(fn: Callable[[], Any]) -> tuple[Any, int]:
     """``fn()`` and the peak of the bytes torch's allocator held during it beyond what was live when it
     started (the profiler's memory events, in order): unlike the resident set, the same number on
     every run, and what ``torch.cuda.max_memory_allocated`` reports on a GPU."""
-    from torch.profiler import ProfilerActivity, profile
-
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
@@ -303,8 +297,6 @@ def peak_rss_kib() -> int:
     value = _status_kib("VmHWM")
     if value is not None:
         return value
-    import resource
-
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return maxrss // 1024 if sys.platform == "darwin" else maxrss  # bytes on macOS
 
@@ -326,8 +318,7 @@ def _mib(kib: int) -> float:
 # --------------------------------------------------------------------------- plot
 def plot_memory(rows: list[dict[str, Any]], path: Path) -> None:
     """Horizontal bars per experiment, stacked: imports, models built (CPU), and the training peak."""
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     cuda = any(r.get("cuda_peak_mib") is not None for r in rows)
     base_key, peak_key = ("cuda_baseline_mib", "cuda_peak_mib") if cuda else ("baseline_rss_mib", "peak_rss_mib")
     names = [f"{r['experiment']} ({r['kind']})" for r in rows]

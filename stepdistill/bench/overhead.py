@@ -33,14 +33,19 @@ from typing import Any
 
 import torch
 
+from stepdistill.bench.bare_loop import BareLoop
 from stepdistill.bench.common import (
     default_experiments,
     markdown_table,
     parse_bench_args,
     write_suite,
 )
+from stepdistill.bench.provenance import config_sha
 from stepdistill.bench.timing import synchronize
+from stepdistill.config import compose_train, instantiate
 from stepdistill.errors import StepdistillError
+from stepdistill.eval.report import pyplot
+from stepdistill.workflows.train import build_algorithm, build_trainer
 
 KEYS = {"output_dir": "str", "dataset": "str", "experiments": "strs", "blocks": "int", "block_s": "float",
         "min_iterations": "int", "threads": "int", "profile": "bool"}
@@ -100,7 +105,7 @@ def measure(experiment: str, *, blocks: int = 5, block_s: float = 3.0, min_itera
                 cb.close()
             trainer.accelerator.end_training()
     t, b = statistics.median(timings["trainer"]), statistics.median(timings["bare"])
-    return {"experiment": experiment, "trainer_s_per_it": t, "bare_s_per_it": b, "ratio": t / b,
+    return {"experiment": experiment, "config_sha": config_sha(experiment), "trainer_s_per_it": t, "bare_s_per_it": b, "ratio": t / b,
             "iterations_per_block": n, "blocks": blocks,
             "trainer_blocks_s_per_it": timings["trainer"], "bare_blocks_s_per_it": timings["bare"]}
 
@@ -128,10 +133,6 @@ def _profile(fn: Callable[[int], Any], steps: range, path: Path) -> None:
 def _build(experiment: str, tmp: Path):
     """(trainer, its callbacks, the bare step function) for ``experiment``, built as
     ``stepdistill train`` builds a run, both copies from the same config and seed."""
-    from stepdistill.bench.bare_loop import BareLoop
-    from stepdistill.commands.train import build_algorithm, build_trainer, compose_train
-    from stepdistill.config import instantiate
-
     overrides = [f"experiment={experiment}", f"output_dir={tmp / 'run'}", "logger=none", "evaluate.enabled=false",
                  "trainer.checkpoint_every=0", "trainer.sample_every=0", "trainer.max_steps=1000000000"]
     cfg = compose_train(overrides)
@@ -150,8 +151,7 @@ def _build(experiment: str, tmp: Path):
 
 
 def _plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = list(results)
     ratios = [results[k]["ratio"] for k in names]
     fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 3.5))

@@ -42,6 +42,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from stepdistill.bench.budget import PROBE_ITERATIONS, budget_steps, fit_to_budget, probe
 from stepdistill.bench.common import (
     DATASETS,
@@ -51,7 +53,16 @@ from stepdistill.bench.common import (
     shipped_experiments,
     write_suite,
 )
+from stepdistill.bench.provenance import config_sha
+from stepdistill.config import compose, compose_train
+from stepdistill.denoisers.loading import load_denoiser
 from stepdistill.errors import StepdistillError
+from stepdistill.eval.report import pyplot
+from stepdistill.eval.run_eval import check_noise_seeds, teacher_row
+from stepdistill.eval.tasks import DigitsTask, Toy2DTask
+from stepdistill.roles import Teacher
+from stepdistill.workflows.teacher import build_task
+from stepdistill.workflows.train import train
 
 KEYS = {"output_dir": "str", "dataset": "str", "experiments": "strs", "budget_s": "float",
         "teacher_steps": "ints", "num_samples": "int", "resume": "bool", "probe_iterations": "int", "batch_size": "int"}
@@ -123,8 +134,6 @@ def run_experiment(experiment: str, run_dir: Path, budget_s: float, num_samples:
                    resume: bool, probe_iterations: int = PROBE_ITERATIONS,
                    batch_size: int = EVAL_BATCH_SIZE) -> dict[str, Any]:
     """Probe, train within ``budget_s`` and evaluate one experiment (or reuse its finished run)."""
-    from stepdistill.commands.train import compose_train, train
-
     record = _finished(run_dir, budget_s, num_samples) if resume else None
     if record is None:
         overrides = [f"experiment={experiment}", f"output_dir={run_dir}", "overwrite=true", "evaluate.enabled=true",
@@ -170,30 +179,21 @@ def row(experiment: str, run_dir: Path, record: dict[str, Any]) -> dict[str, Any
             "metric": key, "value": value, "teacher_value": teacher_value, "ratio": value / teacher_value,
             "steps": metrics["student"]["steps"], "nfe": metrics["student"]["nfe"],
             "iterations": train["iterations"], "wall_s": train["wall_s"], "budget_s": record["budget_s"],
-            "s_per_it": record["s_per_it"], "teacher_guidance_scale": metrics["teacher"]["guidance_scale"]}
+            "s_per_it": record["s_per_it"], "teacher_guidance_scale": metrics["teacher"]["guidance_scale"],
+            "config_sha": config_sha(experiment)}
 
 
 def _metric_name(dataset: str) -> str:
-    from stepdistill.eval.tasks import DigitsTask, Toy2DTask
-
     return {t.name: t.primary_metric for t in (Toy2DTask, DigitsTask)}[dataset]
 
 
 def teacher_curve(dataset: str, steps: Sequence[int], num_samples: int | None,
                   batch_size: int = EVAL_BATCH_SIZE) -> dict[str, Any]:
-    """The dataset's teacher (``configs/dataset/<dataset>.yaml``) at each of ``steps``: its metric and
+    """The dataset's teacher (``configs/teacher_recipe/<dataset>.yaml``) at each of ``steps``: its metric and
     NFE, through ``run_eval.teacher_row`` (the evaluation's code, labels, noise and cache)."""
-    import torch
-
-    from stepdistill.commands.teacher import build_task
-    from stepdistill.config import compose
-    from stepdistill.denoisers.loading import load_denoiser
-    from stepdistill.eval.run_eval import check_noise_seeds, teacher_row
-    from stepdistill.roles import Teacher
-
     cfg = compose("teacher", [f"dataset={dataset}"])
     task = build_task(cfg)
-    scale = float(cfg.guidance_scale)
+    scale = float(cfg.teacher.guidance_scale)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # where the runs' evaluation puts the teacher
     teacher = Teacher(load_denoiser(cfg.teacher.path), scale).to(device)
     labels = task.eval_labels(num_samples)
@@ -222,8 +222,7 @@ def render_markdown(rows: Sequence[dict[str, Any]], curves: dict[str, dict[str, 
 
 def plot(rows: Sequence[dict[str, Any]], curves: dict[str, dict[str, Any]], path: Path) -> None:
     """Per dataset a panel: metric vs NFE (log x), the teacher's curve and each student as a point."""
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4.2), squeeze=False)
     for ax, (dataset, curve) in zip(axes[0], curves.items(), strict=True):
         pts = curve["points"]

@@ -39,16 +39,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 
 from stepdistill.bench.common import (
     default_experiments,
     markdown_table,
     parse_bench_args,
+    shipped_experiments,
     write_suite,
 )
 from stepdistill.bench.timing import Timed, time_interleaved
 from stepdistill.conditioning import Conditioning
+from stepdistill.config import compose, compose_train, configs_dir, instantiate
+from stepdistill.denoisers.loading import load_denoiser
 from stepdistill.errors import StepdistillError
+from stepdistill.eval.report import pyplot
+from stepdistill.pipelines.few_step import generate
+from stepdistill.pipelines.runs import load_run
+from stepdistill.roles import Teacher
+from stepdistill.workflows.teacher import build_task
 
 KEYS = {"output_dir": "str", "dataset": "str", "batch_size": "int", "repeats": "int", "steps": "ints",
         "student_steps": "ints", "experiments": "strs", "runs": "strs", "guidance_scale": "float",
@@ -132,12 +141,7 @@ def _device(name: str) -> torch.device:
 
 # --------------------------------------------------------------------------- models
 def load_teacher(dataset: str):
-    """The dataset's shipped teacher (``configs/dataset/<dataset>.yaml``: ``teacher.path``) and task."""
-    from stepdistill.commands.teacher import build_task
-    from stepdistill.config import compose
-    from stepdistill.denoisers.loading import load_denoiser
-    from stepdistill.roles import Teacher
-
+    """The dataset's shipped teacher (``configs/teacher_recipe/<dataset>.yaml``: ``teacher.path``) and task."""
     cfg = compose("teacher", [f"dataset={dataset}"])
     return Teacher(load_denoiser(cfg.teacher.path)), build_task(cfg)
 
@@ -145,11 +149,6 @@ def load_teacher(dataset: str):
 def default_cfg_scale(dataset: str) -> float:
     """The CFG scale the dataset's shipped experiments guide their teacher with (digits: AGD's 3.0);
     ``FALLBACK_CFG_SCALE`` when none guides."""
-    from omegaconf import OmegaConf
-
-    from stepdistill.bench.common import shipped_experiments
-    from stepdistill.config import configs_dir
-
     for name in shipped_experiments(dataset):
         node = OmegaConf.load(configs_dir() / "experiment" / f"{name}.yaml").get("teacher") or {}
         value = node.get("guidance_scale", 1.0)
@@ -160,11 +159,8 @@ def default_cfg_scale(dataset: str) -> float:
 
 def students_from_experiments(experiments: Sequence[str], teacher) -> list[Student]:
     """Each experiment's generator, built from its config around a copy of the teacher's denoiser
-    (as ``commands.train.build_algorithm`` builds it; a copy so that a LoRA or adapter student never
+    (as ``workflows.train.build_algorithm`` builds it; a copy so that a LoRA or adapter student never
     hooks into the timed teacher)."""
-    from stepdistill.commands.train import compose_train
-    from stepdistill.config import instantiate
-
     out = []
     for name in experiments:
         cfg = compose_train([f"experiment={name}"])
@@ -174,10 +170,8 @@ def students_from_experiments(experiments: Sequence[str], teacher) -> list[Stude
 
 
 def students_from_runs(runs: Sequence[str]) -> list[Student]:
-    """Trained students from run directories (``pipelines.few_step.load_run``), labelled by the
+    """Trained students from run directories (``pipelines.runs.load_run``), labelled by the
     run's experiment name (else the directory's name)."""
-    from stepdistill.pipelines.few_step import load_run
-
     out = []
     for path in runs:
         run_ = load_run(path)
@@ -201,8 +195,6 @@ def measure(teacher, students: Sequence[Student], noise: torch.Tensor, cond, *, 
             student_steps: Sequence[int], guidance_scale: float, reference_steps: int = 50, repeats: int = 3,
             min_time_s: float = 3.0, seed: int = 0) -> dict[str, Any]:
     """Rows, reference and ratios (the JSON payload without the machine record)."""
-    from stepdistill.pipelines.few_step import generate
-
     device = noise.device
 
     def teacher_call(k: int, s: float) -> Callable[[], object]:
@@ -314,8 +306,7 @@ def render_markdown(payload: dict[str, Any]) -> str:
 def plot(payload: dict[str, Any], path: Path) -> None:
     """Samples/s against NFE (log-log): the teacher with and without CFG, each student's points, and
     the equal-cost-per-evaluation line through the reference."""
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 5))
     rows = payload["rows"]
     for scale, style, name in ((1.0, "o-", "teacher, no CFG"), (None, "s-", "teacher, CFG")):

@@ -31,9 +31,8 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor
 
-from stepdistill.commands.sample import parse_args
-from stepdistill.commands.train import compose_train
-from stepdistill.config import compose, instantiate
+from stepdistill.args import parse_args
+from stepdistill.config import compose, compose_train, instantiate
 from stepdistill.data.images import ImageCaptionData, VaeLatents
 from stepdistill.data.prompts import PromptData, PromptEncoder, pixel_size
 from stepdistill.data.text_cache import (

@@ -14,8 +14,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from stepdistill.commands.sample import parse_args
+from stepdistill.args import parse_args
 from stepdistill.errors import StepdistillError
+from stepdistill.eval.clip_score import (
+    check_clip_dir,
+    image_prompt_pairs,
+    load_clip,
+    score_image_dir,
+)
 
 KEYS: dict[str, str] = {"images": "str", "prompts": "str", "clip": "str", "out": "str", "batch_size": "int",
                         "device": "str"}
@@ -23,13 +29,6 @@ KEYS: dict[str, str] = {"images": "str", "prompts": "str", "clip": "str", "out":
 
 def run(overrides: Sequence[str]) -> dict[str, Any]:
     """Score, print and (with ``out``) write the result; returns it."""
-    from stepdistill.eval.clip_score import (
-        check_clip_dir,
-        image_prompt_pairs,
-        load_clip,
-        score_image_dir,
-    )
-
     args = parse_args(overrides, KEYS, "eval-clip")
     for key in ("images", "clip"):
         if not args.get(key):

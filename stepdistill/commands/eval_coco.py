@@ -10,9 +10,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from stepdistill.commands.sample import parse_args
-from stepdistill.config import configs_dir
+from omegaconf import OmegaConf
+
+from stepdistill.args import parse_args
+from stepdistill.config import configs_dir, instantiate
 from stepdistill.errors import StepdistillError
+from stepdistill.eval.coco import evaluate_coco
 
 KEYS = {"run": "str", "protocol": "str", "captions": "str", "images": "str", "clip": "str",
         "inception_path": "str", "num_images": "int", "steps": "int", "batch_size": "int", "seed": "int",
@@ -27,10 +30,6 @@ def protocols() -> list[str]:
 
 def load_protocol(name: str | None, overrides: dict[str, Any]):
     """The protocol ``configs/eval/<name>.yaml`` with ``overrides`` applied, as a ``CocoProtocol``."""
-    from omegaconf import OmegaConf
-
-    from stepdistill.config import instantiate
-
     if name not in protocols():
         raise StepdistillError(f"unknown protocol {name!r}; allowed: {', '.join(protocols())} (protocol=NAME)")
     node = OmegaConf.load(configs_dir() / "eval" / f"{name}.yaml")
@@ -40,8 +39,6 @@ def load_protocol(name: str | None, overrides: dict[str, Any]):
 
 
 def run(overrides: Sequence[str]) -> dict:
-    from stepdistill.eval.coco import evaluate_coco
-
     args = parse_args(overrides, KEYS, "eval-coco")
     if not args.get("run"):
         raise StepdistillError("run=DIR is required: the training run whose student to evaluate")

@@ -16,8 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from stepdistill.commands.sample import parse_args
+from stepdistill.args import parse_args
 from stepdistill.errors import StepdistillError
+from stepdistill.eval.fid import compute_fid
 
 KEYS: dict[str, str] = {"real": "str", "fake": "str", "feature": "str", "inception_path": "str", "out": "str",
                         "batch_size": "int", "num_fake": "int", "seed": "int", "device": "str"}
@@ -26,8 +27,6 @@ USAGE = "stepdistill eval-fid real=DIR|STATS.npz fake=DIR|RUN feature=inception|
 
 def run(overrides: Sequence[str]) -> dict[str, Any]:
     """Compute, print and (with ``out``) write the metrics; returns them."""
-    from stepdistill.eval.fid import compute_fid
-
     args = parse_args(overrides, KEYS, "eval-fid")
     for key in ("real", "fake"):
         if not args.get(key):

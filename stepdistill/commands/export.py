@@ -14,8 +14,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from stepdistill.commands.sample import parse_args
+from stepdistill.args import parse_args
 from stepdistill.errors import StepdistillError
+from stepdistill.pipelines.export import GUIDANCE_SCALE, export_diffusers
+from stepdistill.pipelines.export_adapters import export_adapters
+from stepdistill.pipelines.export_lora import export_lora
 
 FORMATS = ("diffusers", "lora", "adapters")
 KEYS = {"run": "str", "format": "str", "out": "str", "steps": "int", "overwrite": "bool", "teacher": "str"}
@@ -23,8 +26,6 @@ KEYS = {"run": "str", "format": "str", "out": "str", "steps": "int", "overwrite"
 
 def run(overrides: Sequence[str]) -> Path:
     """Export a run's student; returns the output directory."""
-    from stepdistill.pipelines.export import GUIDANCE_SCALE, export_diffusers
-
     args = parse_args(overrides, KEYS, "export")
     fmt = args.get("format", "diffusers")
     if fmt not in FORMATS:
@@ -40,8 +41,6 @@ def run(overrides: Sequence[str]) -> Path:
     out = Path(args.get("out") or root / "export" / fmt)
     overwrite = bool(args.get("overwrite", False))
     if fmt == "adapters":
-        from stepdistill.pipelines.export_adapters import export_adapters
-
         written = export_adapters(root, out, overwrite=overwrite)
         print(f"exported the guidance adapters to {written}/ (see README.md there for the loader)")
         return written
@@ -49,8 +48,6 @@ def run(overrides: Sequence[str]) -> Path:
         raise StepdistillError(f"run {str(root)!r} is an AGD run (the base model plus guidance adapters): "
                                "export it with format=adapters")
     if fmt == "lora":
-        from stepdistill.pipelines.export_lora import export_lora
-
         written = export_lora(root, out, args.get("steps"), overwrite=overwrite)
         print(f"exported the LoRA adapters to {written}/ (see README.md there: load_lora_weights on the teacher's "
               "pipeline, LCMScheduler from its scheduler/)")

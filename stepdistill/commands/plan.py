@@ -96,10 +96,3 @@ def run(overrides: Sequence[str]) -> dict[str, Any]:
         print(f"\nwritten to {out}")
     return result
 
-
-if __name__ == "__main__":
-    import sys
-
-    from stepdistill.cli import main
-
-    raise SystemExit(main(["plan", *sys.argv[1:]]))

@@ -24,14 +24,23 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
+import numpy as np
 import torch
+from diffusers import AutoencoderKL
+from PIL import Image
 from torch import Tensor
 
+from stepdistill.args import parse_args
 from stepdistill.conditioning import Conditioning
 from stepdistill.errors import StepdistillError
+from stepdistill.eval.report import scatter_panels
+from stepdistill.hybrid import check_teacher_steps, hybrid_plan, run_teacher, sample_hybrid
 from stepdistill.kernels.attention import set_run_attention
+from stepdistill.pipelines.conditions import student_conditioning, teacher_dir
+from stepdistill.pipelines.few_step import decode_latents, pixels_to_unit, sample_student
+from stepdistill.pipelines.runs import load_run
+from stepdistill.pipelines.scheduler import model_timesteps
 
 MARKER = "samples.json"
 KEYS: dict[str, str] = {"run": "str", "steps": "int", "num_images": "int", "seed": "int", "out": "str",
@@ -41,36 +50,8 @@ KEYS: dict[str, str] = {"run": "str", "steps": "int", "num_images": "int", "seed
 TEACHER_GRID_STEPS = 50
 
 
-def parse_args(overrides: Sequence[str], keys: dict[str, str], command: str) -> dict[str, Any]:
-    """``key=value`` arguments typed by ``keys`` (str, int, bool, ints); a one-line error otherwise."""
-    args: dict[str, Any] = {}
-    for item in overrides:
-        key, _, value = item.partition("=")
-        if key not in keys:
-            raise StepdistillError(f"unknown key {key!r} for `stepdistill {command}`; allowed: {', '.join(keys)}")
-        kind = keys[key]
-        try:
-            if kind == "int":
-                args[key] = int(value)
-            elif kind == "bool":
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError
-                args[key] = value.lower() in ("true", "1", "yes")
-            elif kind == "ints":
-                args[key] = [int(v) for v in value.strip("[]").split(",") if v.strip()]
-            else:
-                args[key] = value
-        except ValueError:
-            raise StepdistillError(f"{key}={value!r} is not a valid {kind.rstrip('s')}"
-                                   f"{' list' if kind == 'ints' else ''}") from None
-    return args
-
-
 def run(overrides: Sequence[str]) -> Path:
     """Sample a run's student into PNGs and a grid; returns the output directory."""
-    from stepdistill.pipelines.export import model_timesteps
-    from stepdistill.pipelines.few_step import load_run, sample_student
-
     args = parse_args(overrides, KEYS, "sample")
     student = load_run(args.get("run"))
     steps = int(args["steps"]) if "steps" in args else student.generator.steps
@@ -78,10 +59,8 @@ def run(overrides: Sequence[str]) -> Path:
     if steps < 1 or num < 1:
         raise StepdistillError(f"steps and num_images must be >= 1; got steps={steps}, num_images={num}")
     if "hybrid_teacher_steps" in args:  # a bad k, or a grid that cannot be re-spaced, fails before writing
-        from stepdistill.hybrid import hybrid_plan
-
         hybrid_plan(student.generator, args["hybrid_teacher_steps"], steps=steps, teacher_grid_steps=TEACHER_GRID_STEPS)
-    cond, meta = _conditioning(student, args, num)
+    cond, meta = student_conditioning(student, args, num)
     out = Path(str(args.get("out") or student.path / "samples"))
     names = [f"{i:04d}.png" for i in range(num)] + ["grid.png", "samples.npy", MARKER]
     previous = _prepare(out, names, bool(args.get("overwrite", False)))
@@ -109,9 +88,6 @@ def run(overrides: Sequence[str]) -> Path:
 def _hybrid_samples(student, cond: Conditioning, num: int, steps: int, seed: int, args: dict,
                     device: str) -> tuple[Tensor, dict]:
     """Hybrid samples (the run's teacher first, ``stepdistill.hybrid``) and what samples.json records."""
-    from stepdistill.hybrid import check_teacher_steps, hybrid_plan, run_teacher, sample_hybrid
-    from stepdistill.pipelines.export import model_timesteps
-
     k = check_teacher_steps(args["hybrid_teacher_steps"], TEACHER_GRID_STEPS)
     plan = hybrid_plan(student.generator, k, steps=steps, teacher_grid_steps=TEACHER_GRID_STEPS)
     teacher = run_teacher(student.config).to(device)
@@ -150,81 +126,17 @@ def _prepare(out: Path, names: list[str], overwrite: bool) -> list[str]:
     return [n for n in previous if n != MARKER]
 
 
-def _conditioning(student, args: dict, num: int) -> tuple[Conditioning, dict]:
-    config = student.generator.denoiser.backbone.config
-    name = type(student.generator.denoiser.backbone).__name__
-    if name in ("UNet2DConditionModel", "SD3Transformer2DModel"):
-        prompts = _prompts(student, args, num)
-        from stepdistill.data.prompts import PromptEncoder
-
-        encoder = PromptEncoder.from_pretrained(_teacher_dir(student))
-        return encoder.encode(prompts), {"prompts": prompts}
-    classes = _num_classes(config)
-    if classes:
-        labels = args.get("labels") or list(range(classes))
-        bad = [v for v in labels if not 0 <= v < classes]
-        if bad:
-            raise StepdistillError(f"labels {bad} out of range: the student has classes 0..{classes - 1}")
-        labels = [labels[i % len(labels)] for i in range(num)]
-        return Conditioning(class_labels=torch.tensor(labels), null_class=classes), {"labels": labels}
-    return Conditioning.none(num), {}
-
-
-def _num_classes(config) -> int:
-    """Real classes of a class-conditional backbone (the last embedding is the null class), else 0."""
-    if config.get("num_classes"):  # ToyMLP
-        return int(config["num_classes"])
-    if config.get("num_class_embeds"):  # UNet2DModel, null class last (stepdistill.teachers)
-        return int(config["num_class_embeds"]) - 1
-    return 0
-
-
-def _prompts(student, args: dict, num: int) -> list[str]:
-    if args.get("prompt"):
-        prompts = [args["prompt"]]
-    elif args.get("prompts"):
-        path = Path(args["prompts"])
-        if not path.is_file():
-            raise StepdistillError(f"prompts file not found: {str(path)!r} (one prompt per line)")
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    else:
-        config = student.config
-        listed = config.get("prompts") or (config.get("data") or {}).get("prompts")
-        prompts = [str(p) for p in listed] if listed else []
-    if not prompts:
-        raise StepdistillError("a text-to-image student needs prompts: pass prompt=\"...\" or prompts=FILE")
-    return [prompts[i % len(prompts)] for i in range(num)]
-
-
-def _teacher_dir(student) -> Path:
-    path = student.teacher_path
-    if path is None or not path.is_dir():
-        raise StepdistillError(f"the run's teacher.path ({str(path)!r}) is not a directory: its VAE and text "
-                               "encoders are needed to sample a text-to-image student")
-    return path
-
-
 def _write(out: Path, x0: Tensor, student, meta: dict, device: str) -> list[str]:
-    import numpy as np
-
     if x0.dim() != 4:  # points (toy2d): an array and a scatter plot
-        from stepdistill.eval.report import scatter_panels
-
         labels = torch.tensor(meta.get("labels", [0] * len(x0)))
         np.save(out / "samples.npy", x0.float().cpu().numpy())
         scatter_panels({f"{len(x0)} samples": x0.float().cpu()}, labels, out / "grid.png")
         return ["samples.npy"]
     if "prompts" in meta:
-        from diffusers import AutoencoderKL
-
-        from stepdistill.pipelines.few_step import decode_latents
-
-        vae = AutoencoderKL.from_pretrained(str(_teacher_dir(student) / "vae")).to(device)
+        vae = AutoencoderKL.from_pretrained(str(teacher_dir(student) / "vae")).to(device)
         with torch.no_grad():
             images = decode_latents(vae, x0)
     else:
-        from stepdistill.pipelines.few_step import pixels_to_unit
-
         images = pixels_to_unit(x0)
     arrays = (images.float().cpu().permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
     files = []
@@ -239,8 +151,6 @@ def _write(out: Path, x0: Tensor, student, meta: dict, device: str) -> list[str]
 
 def _tile(arrays, columns: int, pad: int = 2):
     """One image of [N, H, W, C] uint8 tiles, ``columns`` wide, upscaled (nearest) to >= 64 px per tile."""
-    import numpy as np
-
     n, h, w, c = arrays.shape
     scale = max(1, math.ceil(64 / max(h, w)))
     tiles = arrays.repeat(scale, axis=1).repeat(scale, axis=2)
@@ -254,6 +164,4 @@ def _tile(arrays, columns: int, pad: int = 2):
 
 
 def _save_png(array, path: Path) -> None:
-    from PIL import Image
-
     Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(path)

@@ -15,6 +15,8 @@ import json
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL
+from PIL import Image
 from torch import Tensor, nn
 
 from stepdistill.data.text_cache import ConditioningCache
@@ -85,8 +87,6 @@ class ImageCaptionData:
 
 def _load_image(path: Path, resolution: int) -> Tensor:
     """[3, resolution, resolution] float32 in [-1, 1]: RGB, centre-cropped to a square, resized."""
-    from PIL import Image
-
     try:
         image = Image.open(path).convert("RGB")
     except OSError as e:
@@ -116,8 +116,6 @@ class VaeLatents(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path) -> VaeLatents:
         """The ``vae/`` of a local pipeline directory."""
-        from diffusers import AutoencoderKL
-
         root = resolve_local_dir(path, "VAE")
         if not (root / "vae" / "config.json").is_file():
             raise StepdistillError(f"no vae/ in {str(root)!r}: real images need the pipeline's VAE")

@@ -20,6 +20,7 @@ from enum import Enum
 from pathlib import Path
 
 import torch
+import transformers
 from torch import Tensor, nn
 
 from stepdistill.conditioning import Conditioning
@@ -81,8 +82,6 @@ class PromptEncoder(nn.Module):
     def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | None = None,
                         max_sequence_length: int = 256) -> PromptEncoder:
         """Load the tokenizer(s) and text encoder(s) of a local diffusers pipeline directory."""
-        import transformers
-
         transformers.utils.logging.disable_progress_bar()  # no per-load bars on stderr
         root = resolve_local_dir(path, "text encoder")
         stack = detect_stack(root)

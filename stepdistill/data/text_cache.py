@@ -46,7 +46,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from stepdistill.conditioning import Conditioning
 from stepdistill.denoisers.loading import resolve_local_dir
@@ -161,8 +164,6 @@ def shard_path(root: Path, index: int) -> Path:
 
 def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """Write to a temporary name in the same directory, then rename: a file that exists is whole."""
-    from safetensors.torch import save_file
-
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
@@ -306,8 +307,6 @@ def _write_shard(root: Path, shard: int, start: int, stop: int, encode: Callable
 def _progress(total: int, done: int, enabled: bool):
     if not enabled:
         return None
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, initial=done, desc="caching conditioning", unit="row")
 
 
@@ -375,8 +374,6 @@ class ConditioningCache:
 
     def read(self, name: str, rows: Sequence[int]) -> Tensor:
         """Tensor ``name`` of ``rows`` as float32 [len(rows), ...], read row by row from the shards."""
-        from safetensors import safe_open
-
         rows = [int(r) for r in rows]
         out = torch.empty((len(rows), *self.index["tensors"][name]), dtype=torch.float32)
         size = self.index["shard_size"]
@@ -392,8 +389,6 @@ class ConditioningCache:
     def null(self) -> dict[str, Tensor]:
         """``null_prompt_embeds`` [1, L, D], ``null_pooled_embeds`` [1, P], ``time_ids`` [1, 6] (as stored,
         in float32)."""
-        from safetensors.torch import load_file
-
         return {k: v.to(torch.float32, copy=True) for k, v in load_file(str(self.root / NULL)).items()}
 
 

@@ -23,9 +23,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor
+from tqdm.auto import tqdm
 
-from stepdistill.algorithms.base import Batch
+from stepdistill.batch import Batch
 from stepdistill.conditioning import Conditioning
 from stepdistill.errors import StepdistillError
 from stepdistill.roles import Teacher
@@ -99,7 +101,6 @@ def collect_trajectories(teacher: Teacher, conditions: Callable[[int, int], Cond
           f"{before / 2**20:.1f} MiB on disk")
     iterator = todo
     if progress and todo:
-        from tqdm.auto import tqdm
         iterator = tqdm(todo, desc="collecting trajectories", unit="shard")
     for index in iterator:
         _write_shard(root, index, _collect_shard(teacher, conditions, settings, index))
@@ -168,8 +169,6 @@ def _trajectories(teacher: Teacher, noise: Tensor, cond: Conditioning, scales: T
 
 
 def _write_shard(root: Path, index: int, tensors: dict[str, Tensor]) -> None:
-    from safetensors.torch import save_file
-
     final = shard_path(root, index)
     tmp = final.with_name(f".{final.name}.tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
@@ -177,8 +176,6 @@ def _write_shard(root: Path, index: int, tensors: dict[str, Tensor]) -> None:
 
 
 def _save_null(root: Path, cond: Conditioning) -> None:
-    from safetensors.torch import save_file
-
     null = {"null_class": torch.tensor([-1 if cond.null_class is None else cond.null_class])}
     if cond.null_prompt_embeds is not None:
         null["null_prompt_embeds"] = cond.null_prompt_embeds.cpu().contiguous()
@@ -245,8 +242,6 @@ class TrajectoryBatches:
 
     @staticmethod
     def _load(path: Path) -> dict[str, Tensor]:
-        from safetensors.torch import load_file
-
         try:
             return load_file(str(path))
         except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file

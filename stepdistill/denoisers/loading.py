@@ -13,9 +13,12 @@ import json
 import re
 from pathlib import Path
 
+import diffusers
 import torch
 from omegaconf import DictConfig
+from safetensors.torch import load_file, save_file
 
+from stepdistill import lora
 from stepdistill.denoisers import guidance_embedding
 from stepdistill.denoisers.base import Denoiser
 from stepdistill.errors import StepdistillError
@@ -83,8 +86,6 @@ def read_scheduler_config(root: Path) -> dict:
 
 
 def schedule_from_config(config: dict) -> NoiseSchedule:
-    import diffusers
-
     cls = getattr(diffusers, config.get("_class_name", ""), None)
     if cls is None:
         return NoiseSchedule.from_diffusers(config)
@@ -157,8 +158,6 @@ def _restore_guidance_embedding(backbone: torch.nn.Module, config: dict, model_d
     dim = config.get(guidance_embedding.CONFIG_KEY)
     if not dim or guidance_embedding.embedding_dim(backbone) is not None:
         return
-    from safetensors.torch import load_file
-
     key = "time_embedding.cond_proj.weight"
     weights = {}
     for file in sorted(model_dir.glob("*.safetensors")):
@@ -195,14 +194,10 @@ def save_denoiser(denoiser: Denoiser, directory: str | Path) -> Path:
     under unet/ | transformer/ | denoiser/ (safetensors) and scheduler/scheduler_config.json (the
     teacher's own scheduler config when known). A LoRA student is written merged (a plain model),
     with its adapters alone in ``lora/pytorch_lora_weights.safetensors`` (diffusers' LoRA layout)."""
-    from stepdistill import lora
-
     out = Path(directory)
     backbone = denoiser.backbone
     backbone = getattr(backbone, "module", backbone)
     if lora.has_lora(backbone):
-        from safetensors.torch import save_file
-
         (out / "lora").mkdir(parents=True, exist_ok=True)
         save_file(lora.diffusers_lora_state_dict(backbone), str(out / "lora" / LORA_WEIGHTS))
         backbone = lora.merged_backbone(backbone)

@@ -31,8 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor, nn
+from torchmetrics.multimodal.clip_score import CLIPScore
+from tqdm.auto import tqdm
+from transformers import CLIPModel, CLIPProcessor
+from transformers.utils import logging
 
 from stepdistill.errors import StepdistillError
 from stepdistill.eval.images import IMAGE_EXTENSIONS
@@ -64,8 +70,6 @@ class Clip:
 def _quiet_transformers() -> Iterator[None]:
     """transformers at error level (no torchvision fallback notice for the PIL image processor) and
     without its weight-loading progress bar."""
-    from transformers.utils import logging
-
     before, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
     logging.set_verbosity_error()
     logging.disable_progress_bar()
@@ -110,8 +114,6 @@ def load_clip(clip_dir: str | Path) -> Clip:
     directory without a CLIP config is a one-line ``StepdistillError`` (:func:`check_clip_dir`).
     """
     path = check_clip_dir(clip_dir)
-    from transformers import CLIPModel, CLIPProcessor
-
     try:
         with _quiet_transformers():
             processor = CLIPProcessor.from_pretrained(str(path), local_files_only=True)
@@ -168,8 +170,6 @@ class TruncatingProcessor:
 
 def torchmetrics_clip_score(clip: str | Path | Clip) -> Any:
     """torchmetrics' ``CLIPScore`` metric around a local CLIP (no hub access)."""
-    from torchmetrics.multimodal.clip_score import CLIPScore
-
     loaded = _as_clip(clip)
     wrapped = FeatureTensors(loaded.model)
     processor = TruncatingProcessor(loaded.processor, loaded.max_length)
@@ -193,8 +193,6 @@ def image_tensors(images: Tensor | Sequence[Any]) -> list[Tensor]:
 
 def _uint8_rgb(image: Any) -> Tensor:
     if not isinstance(image, Tensor):  # PIL
-        import numpy as np
-
         array = np.asarray(image.convert("RGB"), dtype=np.uint8)
         return torch.from_numpy(array.copy()).permute(2, 0, 1)
     image = image.detach().cpu()
@@ -238,8 +236,6 @@ def clip_score(images: Tensor | Sequence[Any], prompts: Sequence[str], clip: str
         progress: show a progress bar.
         device: where the model runs (default: CUDA when available).
     """
-    from tqdm.auto import tqdm
-
     tensors = image_tensors(images)
     _check_pairs(tensors, prompts)
     metric = torchmetrics_clip_score(clip)
@@ -342,8 +338,6 @@ def score_image_dir(images_dir: str | Path, prompts: str | Path | Sequence[str] 
     name) and image i pairs with prompt i. ``prompts``: a text file (one per line), a samples.json,
     a list of prompts, or None to use the ``samples.json`` in ``images_dir``.
     """
-    from PIL import Image
-
     paths, texts = image_prompt_pairs(images_dir, prompts)
     images = []
     for p in paths:

@@ -29,9 +29,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from diffusers import AutoencoderKL
+from PIL import Image
+from tqdm.auto import tqdm
 
 from stepdistill.cache import cache_dir
+from stepdistill.data.prompts import PromptEncoder
 from stepdistill.errors import StepdistillError
+from stepdistill.eval.clip_score import image_tensors, load_clip, torchmetrics_clip_score
+from stepdistill.eval.fid import compute_fid
+from stepdistill.eval.images import load_image
+from stepdistill.pipelines.few_step import decode_latents, sample_student
+from stepdistill.pipelines.runs import load_run
 
 #: images held in memory at once for the CLIP score (30k images at 256 px would be 5.9 GB)
 CLIP_CHUNK = 1000
@@ -109,8 +118,6 @@ def select_pairs(protocol: CocoProtocol) -> list[tuple[Path, str]]:
 
 def square_resize(image, size: int):
     """A PIL image centre-cropped to a square and resized to ``size`` (bicubic), in RGB."""
-    from PIL import Image
-
     image = image.convert("RGB")
     w, h = image.size
     side = min(w, h)
@@ -121,9 +128,6 @@ def square_resize(image, size: int):
 
 def prepare_reference(pairs: list[tuple[Path, str]], protocol: CocoProtocol, progress: bool = True) -> Path:
     """The reference folder (cropped and resized real images), written once per (images, size)."""
-    from PIL import Image
-    from tqdm.auto import tqdm
-
     key = hashlib.sha256(json.dumps([protocol.eval_resolution, [str(p) for p, _ in pairs]]).encode())
     out = cache_dir() / "coco" / f"{protocol.name}-{protocol.eval_resolution}-{key.hexdigest()[:16]}"
     out.mkdir(parents=True, exist_ok=True)
@@ -145,9 +149,6 @@ def generate_images(student, prompts: list[str], out: Path, *, size: int, steps:
                     seed: int = 0, batch_size: int = 16, progress: bool = True) -> tuple[int, int]:
     """The student's images for ``prompts`` as ``out/NNNNNN.png`` resized to ``size``; batches whose
     files all exist are skipped. Returns (the student's own resolution, batches generated now)."""
-    from PIL import Image
-    from tqdm.auto import tqdm
-
     out.mkdir(parents=True, exist_ok=True)
     batches = [list(range(i, min(i + batch_size, len(prompts)))) for i in range(0, len(prompts), batch_size)]
     todo = [(b, rows) for b, rows in enumerate(batches) if not all((out / f"{r:06d}.png").is_file() for r in rows)]
@@ -172,10 +173,6 @@ class _TextSampler:
     """prompts -> uint8 [B, H, W, 3] images from a run's text-to-image student."""
 
     def __init__(self, student) -> None:
-        from diffusers import AutoencoderKL
-
-        from stepdistill.data.prompts import PromptEncoder
-
         name = type(student.generator.denoiser.backbone).__name__
         if name not in ("UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel"):
             raise StepdistillError(f"COCO protocols evaluate text-to-image students; {str(student.path)!r} "
@@ -191,8 +188,6 @@ class _TextSampler:
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], steps: int | None, seed: int) -> np.ndarray:
-        from stepdistill.pipelines.few_step import decode_latents, sample_student
-
         latents = sample_student(self.generator, self.encoder.encode(prompts).to(self.device), steps=steps, seed=seed)
         images = decode_latents(self.vae, latents).float().cpu().permute(0, 2, 3, 1).numpy()
         return (images * 255).round().astype(np.uint8)
@@ -202,9 +197,6 @@ def evaluate_coco(run_dir: str | Path, protocol: CocoProtocol, *, clip_dir: str 
                   inception_path: str | None = None, steps: int | None = None, batch_size: int = 16,
                   progress: bool = True) -> dict[str, Any]:
     """Run ``protocol`` on the run's student; writes and returns ``coco_metrics.json``."""
-    from stepdistill.eval.fid import compute_fid
-    from stepdistill.pipelines.few_step import load_run
-
     pairs = select_pairs(protocol)
     clip = _check_clip(clip_dir)
     student = load_run(run_dir)
@@ -229,10 +221,6 @@ def evaluate_coco(run_dir: str | Path, protocol: CocoProtocol, *, clip_dir: str 
 def _clip_score(folder: Path, prompts: list[str], clip_dir: Path, progress: bool) -> float:
     """torchmetrics' CLIP score of the PNGs ``NNNNNN.png`` of ``folder`` against ``prompts``, read
     ``CLIP_CHUNK`` images at a time and scored in batches of ``CLIP_BATCH``."""
-    from tqdm.auto import tqdm
-
-    from stepdistill.eval.clip_score import image_tensors, load_clip, torchmetrics_clip_score
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     metric = torchmetrics_clip_score(load_clip(clip_dir)).to(device)
     with tqdm(total=len(prompts), desc="CLIP score", disable=not progress) as bar:
@@ -258,7 +246,5 @@ def _check_clip(clip_dir: str | None) -> Path | None:
 
 def _read_images(folder: Path, rows: range) -> torch.Tensor:
     """The PNGs ``NNNNNN.png`` of ``folder`` for ``rows`` as uint8 [N, 3, H, W]."""
-    from stepdistill.eval.images import load_image
-
     arrays = [load_image(folder / f"{i:06d}.png") for i in rows]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()

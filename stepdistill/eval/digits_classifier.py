@@ -8,12 +8,14 @@ stepdistill.eval.digits_classifier``.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from stepdistill.data.digits import NUM_CLASSES, DigitsData
@@ -164,8 +166,6 @@ def save_classifier(
     model: DigitsClassifier, directory: str | Path, metadata: dict | None = None
 ) -> Path:
     """Write ``model.safetensors`` and ``config.json`` (architecture + ``metadata``) to ``directory``."""
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -182,8 +182,6 @@ def load_classifier(directory: str | Path | None = None) -> DigitsClassifier:
     Raises:
         StepdistillError: a file is missing or corrupt; the one-line message names it and the fix.
     """
-    from safetensors.torch import load_file
-
     directory = Path(directory) if directory is not None else DEFAULT_DIR
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     for path in (config_path, weights_path):
@@ -205,6 +203,32 @@ def load_classifier(directory: str | Path | None = None) -> DigitsClassifier:
         ) from err
     model.eval().requires_grad_(False)
     return model
+
+
+class DigitsFeatures(nn.Module):
+    """torchmetrics feature module: float images in [0, 1] -> float64 classifier features.
+
+    Args:
+        classifier: a :class:`DigitsClassifier` (anything with ``features`` and ``feature_dim``).
+    """
+
+    def __init__(self, classifier: DigitsClassifier) -> None:
+        super().__init__()
+        self.classifier = classifier
+        self.num_features = int(classifier.feature_dim)
+
+    @torch.no_grad()
+    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        """``[B, 1, 8, 8]`` in [0, 1] (uint8 0..255 also accepted) -> ``[B, num_features]`` float64."""
+        if imgs.dtype == torch.uint8:
+            imgs = imgs.float() / 255.0
+        return self.classifier.features(imgs.float() * 2.0 - 1.0).double()
+
+
+@functools.cache
+def default_classifier() -> DigitsClassifier:
+    """The shipped digits classifier, loaded once per process."""
+    return load_classifier()
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Sample diversity: mean within-class pairwise distance, and a k-NN recall (coverage of the real data).
 
 Pure functions over feature tensors ``[N, D]`` and class labels ``[N]``: pass the digits classifier's
-features (``stepdistill.eval.fid.digits_features``) for digits, the points themselves for 2-D toy data.
+features (``stepdistill.eval.digits_fid.digits_features``) for digits, the points themselves for 2-D toy data.
 
 - ``pairwise_diversity``: the mean Euclidean distance over all unordered pairs of samples; a collapsed
   set scores 0. ``class_diversity`` averages it over classes (each class counts once, whatever its

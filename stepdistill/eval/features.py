@@ -9,7 +9,7 @@
   :data:`INCEPTION_SHA1`); else torchmetrics' ``NoTrainInceptionV3`` where torch-fidelity is
   installed (same weights; it takes uint8, so the resized image is rounded once more: protocol
   ``clean-bicubic-299-uint8``).
-- ``digits``: the shipped digits classifier's penultimate features (:mod:`stepdistill.eval.fid`) on
+- ``digits``: the shipped digits classifier's penultimate features (:mod:`stepdistill.eval.digits_fid`) on
   8x8 grey images, no resize (protocol ``uint8-grey-8x8``).
 - ``pkg.module:attr`` or ``pkg.module.Class``: a user ``nn.Module`` (or a class / function without
   arguments returning one). Contract: ``forward(x) -> [N, F]`` for float ``x`` ``[N, 3, H, W]`` in
@@ -36,6 +36,12 @@ import torch
 from torch import Tensor, nn
 
 from stepdistill.errors import StepdistillError
+from stepdistill.eval.digits_classifier import (
+    DEFAULT_DIR,
+    WEIGHTS_NAME,
+    DigitsFeatures,
+    default_classifier,
+)
 from stepdistill.eval.images import PROTOCOL, grey, inception_input, resize_channels, rgb
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
@@ -169,9 +175,6 @@ def _uint8_inception_input(images: Sequence[np.ndarray]) -> Tensor:
 # --------------------------------------------------------------------------- digits
 def digits_extractor(device: str = "cpu") -> FeatureExtractor:
     """The shipped digits classifier's features on 8x8 grey images (the features of ``digits_fid``)."""
-    from stepdistill.eval.digits_classifier import DEFAULT_DIR, WEIGHTS_NAME
-    from stepdistill.eval.fid import DigitsFeatures, default_classifier
-
     network = DigitsFeatures(default_classifier()).to(device)
     sha1 = file_sha1(Path(DEFAULT_DIR) / WEIGHTS_NAME)
     return FeatureExtractor("digits", "uint8-grey-8x8", f"digits-classifier:{sha1}", network, _digits_input, device)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from stepdistill.eval.fid import digits_fid
+from stepdistill.eval.digits_fid import digits_fid
 
 
 def stratified_disjoint(labels: Tensor, n_per_side: int, seed: int) -> tuple[Tensor, Tensor]:

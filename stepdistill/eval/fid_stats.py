@@ -1,5 +1,5 @@
 """Feature statistics (FID's Gaussian plus a feature sample), their .npz files and cache, KID and
-precision / recall.
+precision / recall, and the Frechet distance (from mu and sigma, or from the features themselves).
 
 A statistics .npz holds ``mu`` ``[F]`` and ``sigma`` ``[F, F]`` (float64, covariance with N - 1),
 ``n`` (images), ``features`` (float32 ``[min(n, MAX_FEATURES), F]``: all features, or a random
@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from stepdistill.cache import cache_dir
 from stepdistill.errors import StepdistillError
 
 MAX_FEATURES = 10_000
@@ -126,8 +127,6 @@ def load_stats(path: str | Path) -> FeatureStats:
 
 def cache_path(directory: Path, files: list[Path], feature: str, protocol: str, identity: str) -> Path:
     """``cache_dir()/fid_stats/<dir name>-<feature>-<key>.npz`` for a directory's images."""
-    from stepdistill.cache import cache_dir
-
     digest = hashlib.sha1(f"v{_CACHE_VERSION}\0{protocol}\0{feature}\0{identity}\0".encode())
     for file in files:
         stat = file.stat()
@@ -137,6 +136,31 @@ def cache_path(directory: Path, files: list[Path], feature: str, protocol: str, 
 
 
 # --------------------------------------------------------------------------- FID, KID, precision / recall
+def _float64(value) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().to(torch.float64)
+    return torch.as_tensor(np.asarray(value, dtype=np.float64))
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64 without scipy:
+    ``|mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1^1/2 sigma2 sigma1^1/2)^1/2)``,
+    the symmetric form of ``tr((sigma1 sigma2)^1/2)``, with eigenvalues clamped at 0.
+
+    Args:
+        mu1, mu2: ``[F]`` means; sigma1, sigma2: ``[F, F]`` covariances (tensors or arrays).
+    """
+    mu1, mu2, sigma1, sigma2 = (_float64(v) for v in (mu1, mu2, sigma1, sigma2))
+    sigma1 = (sigma1 + sigma1.T) / 2
+    sigma2 = (sigma2 + sigma2.T) / 2
+    evals, evecs = torch.linalg.eigh(sigma1)
+    sqrt1 = (evecs * evals.clamp_min(0).sqrt()) @ evecs.T
+    middle = sqrt1 @ sigma2 @ sqrt1
+    trace_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp_min(0).sqrt().sum()
+    dist = (mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * trace_sqrt
+    return float(dist)
+
+
 def frechet_distance_features(real: np.ndarray, fake: np.ndarray) -> float:
     """The Frechet distance between the Gaussians of two feature sets ``[n1, F]``, ``[n2, F]``, from the
     features themselves (float64): with centred features A, B and covariances ``A^T A / (n1 - 1)``,

@@ -21,9 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import AutoencoderKL
+from PIL import Image
 from torch import Tensor
 
 from stepdistill.errors import StepdistillError
+from stepdistill.pipelines.conditions import student_conditioning, teacher_dir
+from stepdistill.pipelines.few_step import decode_latents, generate, pixels_to_unit
+from stepdistill.pipelines.runs import load_run
 
 PROTOCOL = "clean-bicubic-299"
 INCEPTION_SIZE = 299
@@ -34,8 +39,6 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 def resize_channels(image: np.ndarray, size: int = INCEPTION_SIZE) -> np.ndarray:
     """Step 2-3 of the protocol: ``[H, W, C]`` uint8 -> float32 ``[C, size, size]`` in [0, 255],
     each channel resized by PIL bicubic in float mode, no re-quantization."""
-    from PIL import Image
-
     if image.shape[:2] == (size, size):
         return np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
     channels = [
@@ -64,8 +67,6 @@ def rgb(image: np.ndarray) -> np.ndarray:
 
 def grey(image: np.ndarray) -> np.ndarray:
     """``[H, W, C]`` uint8 -> ``[H, W]`` by PIL's ``convert("L")`` (ITU-R 601 luma; grey is kept)."""
-    from PIL import Image
-
     if image.ndim == 2 or image.shape[2] == 1:
         return image.reshape(image.shape[:2])
     return np.asarray(Image.fromarray(rgb(image)).convert("L"))
@@ -102,8 +103,6 @@ def list_images(directory: str | Path) -> list[Path]:
 
 def load_image(path: Path) -> np.ndarray:
     """One file as uint8 ``[H, W, 3]`` RGB; a file that does not decode is a one-line error."""
-    from PIL import Image
-
     try:
         with Image.open(path) as image:
             return np.asarray(image.convert("RGB"))
@@ -139,17 +138,12 @@ def run_batches(run_dir: str | Path, num: int, batch_size: int, seed: int = 0,
     Conditions as ``stepdistill sample``: class students cycle the classes; text students use the
     prompts their run config lists.
     """
-    from stepdistill.commands.sample import _conditioning, _teacher_dir
-    from stepdistill.pipelines.few_step import decode_latents, generate, load_run, pixels_to_unit
-
     student = load_run(run_dir)
     generator = student.generator.to(device)
-    cond, meta = _conditioning(student, {}, num)
+    cond, meta = student_conditioning(student, {}, num)
     vae = None
     if "prompts" in meta:
-        from diffusers import AutoencoderKL
-
-        vae = AutoencoderKL.from_pretrained(str(_teacher_dir(student) / "vae")).to(device)
+        vae = AutoencoderKL.from_pretrained(str(teacher_dir(student) / "vae")).to(device)
     if len(generator.denoiser.sample_shape) != 3:
         raise StepdistillError(f"run {str(run_dir)!r} samples points, not images: FID needs an image student")
     rng = torch.Generator().manual_seed(int(seed))

@@ -23,6 +23,7 @@ from stepdistill.cache import cache_dir
 from stepdistill.conditioning import Conditioning
 from stepdistill.errors import StepdistillError
 from stepdistill.guidance import parse_scale, representative_scale
+from stepdistill.pipelines import sample_student
 from stepdistill.roles import Generator, Teacher
 
 Sampler = Callable[[Tensor, Conditioning], Tensor]  # (noise, cond) -> x0
@@ -125,8 +126,6 @@ def teacher_sampler(teacher: Teacher, steps: int, guidance_scale: float) -> Samp
 def student_samples(generator: Generator, labels: Tensor, null_class: int, steps: int, seed: int,
                     batch_size: int) -> Tensor:
     """The student's samples through the one sampling path the CLI, pipeline and export share."""
-    from stepdistill.pipelines import sample_student
-
     cond = Conditioning.labels(labels, null_class).to(next(generator.parameters()).device)
     return sample_student(generator, cond, len(labels), steps, seed, batch_size=batch_size).cpu()
 

@@ -1,7 +1,8 @@
 """Evaluation tasks: what a dataset needs to be trained on, sampled and measured.
 
-A task wraps a dataset object (``ToyMixture``, ``DigitsData``) and gives the commands one surface:
-training batches, the labels to generate for, the metrics, a reference row and a picture of samples.
+A task wraps a dataset object (``ToyMixture``, ``DigitsData``, prompts) and implements the whole
+``stepdistill.tasks.Task`` protocol: training batches, the labels to generate for, the metrics, a
+reference row and a picture of samples (a task without a feature implements it as "nothing").
 """
 
 from __future__ import annotations
@@ -9,11 +10,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from torch import Tensor
 
+from stepdistill.batch import Batch
+from stepdistill.conditioning import Conditioning
 from stepdistill.data.digits import DigitsData
+from stepdistill.data.images import ImageCaptionData, VaeLatents
+from stepdistill.data.prompts import PromptEncoder, pixel_size
 from stepdistill.data.toy2d import ToyMixture
 from stepdistill.errors import StepdistillError
+from stepdistill.eval.digits_fid import digits_metrics
+from stepdistill.eval.report import image_grid, scatter_panels
+from stepdistill.eval.toy_metrics import swd, toy_metrics
 
 
 class Toy2DTask:
@@ -33,6 +42,7 @@ class Toy2DTask:
 
     name = "toy2d"
     primary_metric = "swd"
+    sample_figures = True
 
     def __init__(self, data: ToyMixture, num_eval: int = 4000, seed: int = 0, draws: int = 4) -> None:
         self.data, self.num_eval, self.seed, self.draws = data, int(num_eval), int(seed), int(draws)
@@ -49,6 +59,11 @@ class Toy2DTask:
         x, labels, _ = self.data.sample(n, generator)
         return x, labels
 
+    def train_batch(self, n: int, generator: torch.Generator, rows: slice = slice(None)) -> Batch:
+        """Rows ``rows`` of a global batch of ``n`` drawn with ``generator``, labels as conditions."""
+        x0, labels = self.batch(n, generator)
+        return Batch(cond=Conditioning.labels(labels[rows], self.null_class), x0=x0[rows])
+
     def eval_labels(self, n: int | None = None) -> Tensor:
         g = torch.Generator().manual_seed(self.seed)
         return self.data.sample(self.num_eval if n is None else n, g)[1]
@@ -64,8 +79,6 @@ class Toy2DTask:
 
     def _averaged(self, first_set, labels: Tensor, seed: int, draws: int) -> dict[str, float]:
         # mmd, coverage and accuracy barely move between true sets; swd does, so only it is averaged
-        from stepdistill.eval.toy_metrics import swd, toy_metrics
-
         g = torch.Generator().manual_seed(seed)
         out = toy_metrics(first_set(g), labels, self.data, g)
         swds = [out["swd"]]
@@ -76,8 +89,6 @@ class Toy2DTask:
         return {**out, "swd": sum(swds) / len(swds)}
 
     def save_samples_figure(self, rows: dict[str, Tensor], labels: Tensor, path: Path) -> None:
-        from stepdistill.eval.report import scatter_panels
-
         scatter_panels(rows, labels, path, centers=self.data.centers)
 
 
@@ -92,6 +103,7 @@ class DigitsTask:
 
     name = "digits"
     primary_metric = "fid"
+    sample_figures = True
 
     def __init__(self, data: DigitsData, num_eval: int = 1797, seed: int = 0) -> None:
         self.data, self.num_eval, self.seed = data, int(num_eval), int(seed)
@@ -107,6 +119,11 @@ class DigitsTask:
     def batch(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         return self.data.sample(n, generator)
 
+    def train_batch(self, n: int, generator: torch.Generator, rows: slice = slice(None)) -> Batch:
+        """Rows ``rows`` of a global batch of ``n`` drawn with ``generator``, labels as conditions."""
+        x0, labels = self.batch(n, generator)
+        return Batch(cond=Conditioning.labels(labels[rows], self.null_class), x0=x0[rows])
+
     def eval_labels(self, n: int | None = None) -> Tensor:
         """The real digits' labels (a fixed permutation of them, cycled), so class frequencies match."""
         n = self.num_eval if n is None else n
@@ -115,16 +132,12 @@ class DigitsTask:
         return labels.repeat((n + len(labels) - 1) // len(labels))[:n]
 
     def metrics(self, samples: Tensor, labels: Tensor) -> dict[str, float]:
-        from stepdistill.eval.fid import digits_metrics
-
         return digits_metrics(samples, labels)
 
     def reference(self, labels: Tensor) -> dict[str, float] | None:
         return None
 
     def save_samples_figure(self, rows: dict[str, Tensor], labels: Tensor, path: Path) -> None:
-        from stepdistill.eval.report import image_grid
-
         image_grid(rows, labels, path)
 
 
@@ -148,11 +161,9 @@ class PromptTask:
 
     name = "prompts"
     primary_metric = None
+    sample_figures = False
 
     def __init__(self, data, text_encoder: str, negative_prompt: str = "") -> None:
-        from stepdistill.data.images import ImageCaptionData, VaeLatents
-        from stepdistill.data.prompts import PromptEncoder
-
         self.data = data
         self.negative_prompt = str(negative_prompt)
         cache = getattr(data, "cache", None)  # data.cache: `stepdistill cache`'s rows, no encoder loaded
@@ -165,14 +176,20 @@ class PromptTask:
                             else cache.latent_encoder(text_encoder))
         self._placed = False
 
+    @property
+    def null_class(self) -> None:
+        """None: prompts, no class labels (the null condition is ``negative_prompt``)."""
+        return None
+
+    @property
+    def sample_shape(self) -> None:
+        """None: the teacher pipeline knows the latent shape, the task does not."""
+        return None
+
     def train_batch(self, n: int, generator: torch.Generator, rows: slice = slice(None)):
         """Rows ``rows`` of the global batch for one step: ``n`` prompts (and images) drawn with
         ``generator``, the same on every process; only the kept rows are read and encoded."""
-        from stepdistill.algorithms.base import Batch
-
         if not self._placed:  # each process encodes on its own accelerator
-            from accelerate import PartialState
-
             self.encoder.to(PartialState().device)
             if self.latents is not None:
                 self.latents.to(PartialState().device)
@@ -183,11 +200,23 @@ class PromptTask:
         prompts, pixels = self.data.draw(n, generator, rows)
         return Batch(cond=self.encoder.encode(prompts, self.negative_prompt), x0=self.latents(pixels))
 
+    def eval_labels(self, n: int | None = None) -> None:
+        """None: no labels to generate for (sample from prompts with ``stepdistill sample``)."""
+        return None
+
+    def metrics(self, samples: Tensor, labels: Tensor) -> dict[str, float]:
+        """No metrics of its own: ``{}``."""
+        return {}
+
+    def reference(self, labels: Tensor) -> None:
+        return None
+
+    def save_samples_figure(self, rows: dict[str, Tensor], labels: Tensor, path: Path) -> None:
+        """No sample figures (``sample_figures = False``): draws nothing."""
+
 
 def _check_resolution(resolution: int, pipeline: str) -> None:
     """Real images must come at the teacher's pixel size, or their latents cannot meet its samples."""
-    from stepdistill.data.prompts import pixel_size
-
     expected = pixel_size(pipeline)
     if expected is not None and resolution != expected:
         raise StepdistillError(f"data.resolution={resolution} but the teacher in {pipeline!r} works on "

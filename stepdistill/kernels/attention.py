@@ -28,6 +28,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from diffusers.models import attention_processor as ap
+from diffusers.models.attention import AttentionModuleMixin
+from diffusers.models.attention_dispatch import AttentionBackendName
+from diffusers.models.attention_processor import Attention
 from torch import Tensor, nn
 
 from stepdistill.errors import StepdistillError
@@ -169,8 +173,6 @@ def set_run_attention(model: nn.Module, trainer_config: Any, device: torch.devic
 def _processor_classes(backend: str) -> dict[type, type]:
     """diffusers' processor class -> its twin for ``backend`` (self-attention / cross-attention,
     joint attention (SD3), added key / value projections (UnCLIP-style))."""
-    from diffusers.models import attention_processor as ap
-
     families = [((ap.AttnProcessor, ap.AttnProcessor2_0, ap.XFormersAttnProcessor),
                  ap.AttnProcessor2_0, ap.XFormersAttnProcessor),
                 ((ap.JointAttnProcessor2_0, ap.XFormersJointAttnProcessor),
@@ -183,9 +185,6 @@ def _processor_classes(backend: str) -> dict[type, type]:
 
 def attention_layers(model: nn.Module) -> dict[str, nn.Module]:
     """diffusers' attention layers of ``model`` (``Attention`` and the newer ``AttentionModuleMixin``), by name."""
-    from diffusers.models.attention import AttentionModuleMixin
-    from diffusers.models.attention_processor import Attention
-
     return {name: m for name, m in model.named_modules() if isinstance(m, (Attention, AttentionModuleMixin))}
 
 
@@ -215,8 +214,6 @@ def set_model_attention(model: nn.Module, backend: str, device: torch.device | s
                 layer.set_processor(twins[type(processor)]())
             switched[name] = type(layer.processor).__name__
         elif hasattr(processor, "_attention_backend"):
-            from diffusers.models.attention_dispatch import AttentionBackendName
-
             processor._attention_backend = AttentionBackendName("native" if backend == "sdpa" else "xformers")
             switched[name] = f"{type(processor).__name__}[{processor._attention_backend.value}]"
     return switched

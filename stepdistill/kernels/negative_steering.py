@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from diffusers.models.attention_processor import Attention
 from torch import Tensor, nn
 
 from stepdistill.kernels.attention import attention, check_backend
@@ -117,8 +118,6 @@ def diffusers_mask(attn: Any, attention_mask: Tensor | None, key_length: int, ba
 # --------------------------------------------------------------------------- installation
 def cross_attention_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The diffusers ``Attention`` modules of ``model`` that attend to a context (``attn2``), by name."""
-    from diffusers.models.attention_processor import Attention
-
     layers = {name: m for name, m in model.named_modules()
               if isinstance(m, Attention) and m.is_cross_attention}
     if not layers:

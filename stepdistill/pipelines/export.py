@@ -59,121 +59,56 @@ Generators that start below pure-noise time (t_max < 1: x_T is standard normal n
 network as timestep T0) keep the same rules: the scheduler's ``original_inference_steps`` is T0 + 1,
 so LCM's default K-step selection starts at T0 (``lcm_original_steps``); for t_max <= 0.5 LCM cannot
 express that and the export's notes give the grid to pass as ``timesteps=``.
+
+The parts: ``scheduler`` (the scheduler config and timestep maths), ``staging`` (the output
+directory, written aside and swapped in), ``export_notes`` (``stepdistill_export.json`` and README.md);
+this module describes the student (``ExportedStudent``) and writes the export.
 """
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import json
-import os
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+from omegaconf import OmegaConf
 
+from stepdistill.denoisers.loading import (
+    find_model_dir,
+    read_scheduler_config,
+    resolve_local_dir,
+    schedule_from_config,
+)
 from stepdistill.errors import StepdistillError
-from stepdistill.roles import Generator, step_grid
+from stepdistill.pipelines.export_notes import write_notes
+from stepdistill.pipelines.scheduler import (
+    GUIDANCE_SCALE,
+    TIMESTEP_SCALING,
+    few_step_scheduler,
+    generator_timesteps,
+    lcm_original_steps,
+    lcm_timesteps,
+    model_timesteps,
+)
+from stepdistill.pipelines.staging import MARKER, check_out_dir, staged_directory
+from stepdistill.roles import Generator
 from stepdistill.schedules import NoiseSchedule, Prediction
 
-#: LCM's boundary-condition time scaling: large enough that c_skip = 0 and c_out = 1 in float32
-TIMESTEP_SCALING = 1e6
-#: the guidance_scale to pass to the exported SD / SDXL pipeline (no classifier-free guidance)
-GUIDANCE_SCALE = 1.0
-#: marks a directory written by ``export_diffusers`` (and so safe to replace with overwrite=True)
-MARKER = "stepdistill_export.json"
+#: re-exported: the scheduler maths (``scheduler``), the output directories (``staging``)
+__all__ = ["CLASS_BACKBONES", "CONSISTENCY_KEYS", "GUIDANCE_SCALE", "MARKER", "TEXT_BACKBONES", "TIMESTEP_SCALING",
+           "ExportedStudent", "check_consistency_export", "check_out_dir", "export_diffusers", "few_step_scheduler",
+           "generator_timesteps", "lcm_original_steps", "lcm_timesteps", "model_timesteps", "staged_directory",
+           "student_from_dir"]
+
 TEXT_BACKBONES = ("UNet2DConditionModel",)
 CLASS_BACKBONES = ("UNet2DModel",)
 
 
-# --------------------------------------------------------------------------- the scheduler
-def few_step_scheduler(schedule: NoiseSchedule, base_config: dict | None = None,
-                       prediction: Prediction | str | None = None, t_max: float = 1.0, *,
-                       timestep_scaling: float | None = None, original_steps: int | None = None) -> Any:
-    """The diffusers scheduler whose ``step`` is the generator's re-noising step (module docstring).
-
-    VP: ``LCMScheduler`` on the teacher's table (``base_config``'s beta fields, else the schedule's
-    own betas), ``original_inference_steps`` = ``lcm_original_steps`` (N for a generator starting
-    at t_max = 1), ``timestep_scaling = 1e6``; a consistency student passes its own boundary scaling
-    and solver grid (``timestep_scaling = 10``, ``original_steps = 50`` for LCM). Flow: the teacher's
-    ``FlowMatchEulerDiscreteScheduler`` with ``stochastic_sampling=True`` (x0 = x - sigma v, then
-    re-noised to the next sigma with fresh noise).
-    """
-    from diffusers import FlowMatchEulerDiscreteScheduler, LCMScheduler
-
-    prediction = Prediction(prediction or schedule.prediction)
-    if schedule.kind == "flow":
-        base = _fit(FlowMatchEulerDiscreteScheduler, base_config or schedule.to_diffusers_config())
-        return FlowMatchEulerDiscreteScheduler.from_config({**base, "shift": schedule.shift,
-                                                            "stochastic_sampling": True})
-    if prediction == Prediction.FLOW:
-        raise StepdistillError("a flow-prediction backbone needs a flow schedule")
-    n = schedule.num_train_timesteps
-    # steps_offset is unused by LCM; 1 keeps the SD pipelines from warning and rewriting the config
-    overrides = dict(num_train_timesteps=n,
-                     original_inference_steps=original_steps or lcm_original_steps(schedule, t_max),
-                     timestep_scaling=timestep_scaling or TIMESTEP_SCALING,
-                     prediction_type=prediction.to_diffusers(), clip_sample=False, thresholding=False,
-                     set_alpha_to_one=True, steps_offset=1, timestep_spacing="trailing")
-    scheduler = LCMScheduler.from_config({**_fit(LCMScheduler, base_config or {}), **overrides})
-    if base_config is None or not _same_table(scheduler, schedule):
-        betas = schedule.to_diffusers_config()["trained_betas"]
-        scheduler = LCMScheduler.from_config({**overrides, "trained_betas": betas,
-                                              "rescale_betas_zero_snr": False})
-    return scheduler
-
-
-def lcm_original_steps(schedule: NoiseSchedule, t_max: float = 1.0) -> int:
-    """LCM's ``original_inference_steps`` M whose default selection starts at the generator's first
-    timestep T0 = round(t_max (N - 1)): M = T0 + 1 when N // M == 1 (LCM's training grid is then
-    0..M-1), else N (t_max <= 0.5: pass the grid as ``timesteps=``)."""
-    n = schedule.num_train_timesteps
-    top = round(t_max * (n - 1)) + 1
-    return top if n // top == 1 else n
-
-
-def lcm_timesteps(num_train_timesteps: int, steps: int, original_steps: int | None = None) -> list[int]:
-    """The timesteps ``LCMScheduler(original_inference_steps=M).set_timesteps(K)`` selects (M = N by default)."""
-    n = int(num_train_timesteps)
-    m = n if original_steps is None else int(original_steps)
-    k = n // m
-    return [(m - (i * m) // steps) * k - 1 for i in range(steps)]
-
-
-def generator_timesteps(schedule: NoiseSchedule, steps: int, t_max: float = 1.0,
-                        timesteps: list[float] | None = None) -> list[int] | list[float]:
-    """The backbone timesteps of a ``Generator``'s K-step grid (``Generator.grid``: its own
-    ``timesteps`` for their K, else evenly spaced from ``t_max``)."""
-    return model_timesteps(schedule, step_grid(schedule, steps, t_max, timesteps))
-
-
-def model_timesteps(schedule: NoiseSchedule, grid: torch.Tensor) -> list[int] | list[float]:
-    """The backbone timesteps of a grid of times: integers for VP tables (when the grid is on the table),
-    floats otherwise."""
-    values = [float(v) for v in schedule.to_model_time(grid)]
-    if schedule.kind == "vp" and all(abs(v - round(v)) < 1e-6 for v in values):
-        return [int(round(v)) for v in values]
-    return [round(v, 3) for v in values]
-
-
-def _same_table(scheduler: Any, schedule: NoiseSchedule) -> bool:
-    ab = scheduler.alphas_cumprod.double()
-    ref = schedule.alphas_cumprod
-    return ab.shape == ref.shape and bool(((ab - ref).abs() <= 1e-6 * ref.clamp_min(1e-6)).all())
-
-
-def _fit(cls: type, config: dict) -> dict:
-    """``config`` restricted to ``cls.__init__``'s parameters (no unexpected-key warnings)."""
-    params = inspect.signature(cls.__init__).parameters
-    return {k: v for k, v in dict(config).items() if k in params}
-
-
 # --------------------------------------------------------------------------- students
 @dataclass
-class _Student:
+class ExportedStudent:
     """What an export needs to know about a student, however it was given."""
 
     class_name: str
@@ -228,30 +163,21 @@ def _consistency_settings(settings: dict) -> dict | None:
     return {k: settings.get(k) for k in CONSISTENCY_KEYS}
 
 
-def _student_from_generator(generator: Generator) -> _Student:
+def _student_from_generator(generator: Generator) -> ExportedStudent:
     backbone = getattr(generator.denoiser.backbone, "module", generator.denoiser.backbone)
 
     def write(dest: Path) -> None:
         backbone.save_pretrained(dest, safe_serialization=True)
 
     consistency = _consistency_settings(vars(generator)) if hasattr(generator, "solver_steps") else None
-    return _Student(type(backbone).__name__, dict(backbone.config), generator.schedule,
+    return ExportedStudent(type(backbone).__name__, dict(backbone.config), generator.schedule,
                     generator.denoiser.prediction, getattr(generator.denoiser, "scheduler_config", None),
                     generator.steps, generator.t_max, write, consistency=consistency,
                     timesteps=getattr(generator, "timesteps", None))
 
 
-def _student_from_dir(path: str | Path) -> _Student:
+def student_from_dir(path: str | Path) -> ExportedStudent:
     """A student directory (unet/ + scheduler/, as ``save_denoiser`` writes) or a run directory."""
-    from omegaconf import OmegaConf
-
-    from stepdistill.denoisers.loading import (
-        find_model_dir,
-        read_scheduler_config,
-        resolve_local_dir,
-        schedule_from_config,
-    )
-
     root = resolve_local_dir(path, "student")
     steps, t_max, teacher, consistency, timesteps = 1, 1.0, None, None, None
     if (root / "config.yaml").is_file() or (root / "student").is_dir():  # a run directory
@@ -273,48 +199,8 @@ def _student_from_dir(path: str | Path) -> _Student:
     def write(dest: Path) -> None:
         shutil.copytree(model_dir, dest)
 
-    return _Student(unet_config.get("_class_name", "?"), unet_config, schedule, schedule.prediction,
+    return ExportedStudent(unet_config.get("_class_name", "?"), unet_config, schedule, schedule.prediction,
                     scheduler_config, steps, t_max, write, teacher, consistency, timesteps)
-
-
-# --------------------------------------------------------------------------- output directories
-def check_out_dir(out: str | Path, overwrite: bool, marker: str = MARKER) -> Path:
-    """``out`` if it is absent or empty, or (with ``overwrite``) holds ``marker``; else a one-line error."""
-    if not out:
-        raise StepdistillError("out=DIR is required")
-    path = Path(str(out)).expanduser()
-    if path.exists() and not path.is_dir():
-        raise StepdistillError(f"out {str(path)!r} is a file; pass a directory")
-    if path.is_dir() and any(path.iterdir()):
-        if not overwrite:
-            raise StepdistillError(f"out directory {str(path)!r} already exists and is not empty; choose "
-                                   "another out= or pass overwrite=true")
-        if not (path / marker).is_file():
-            raise StepdistillError(f"out directory {str(path)!r} holds files stepdistill did not write (no "
-                                   f"{marker}); refusing to overwrite it: choose another out=")
-    return path
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-
-
-@contextlib.contextmanager
-def staged_directory(out: Path) -> Iterator[Path]:
-    """A fresh temporary directory next to ``out`` that replaces ``out`` when the block succeeds and
-    is deleted when it fails (an earlier ``out`` is then left as it was)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # --------------------------------------------------------------------------- export
@@ -334,12 +220,12 @@ def export_diffusers(student: Generator | str | Path, teacher_dir: str | Path | 
     Returns:
         ``out_dir``.
     """
-    info = _student_from_generator(student) if isinstance(student, Generator) else _student_from_dir(student)
+    info = _student_from_generator(student) if isinstance(student, Generator) else student_from_dir(student)
     steps = int(steps or info.steps)
     if info.class_name not in TEXT_BACKBONES + CLASS_BACKBONES + ("SD3Transformer2DModel",):
         raise StepdistillError(f"cannot export a {info.class_name} student to diffusers: supported backbones "
                                f"are {', '.join(TEXT_BACKBONES + CLASS_BACKBONES)}")
-    _check_consistency_export(info)
+    check_consistency_export(info)
     if info.schedule.kind != "vp":
         raise StepdistillError(f"format=diffusers export of flow-matching students ({info.class_name}) is not "
                                "yet supported (StableDiffusion3Pipeline does not pass its generator to the "
@@ -353,11 +239,11 @@ def export_diffusers(student: Generator | str | Path, teacher_dir: str | Path | 
             pipeline = None
             info.write_unet(tmp / "unet")
         info.scheduler().save_config(tmp / "scheduler")
-        _write_notes(tmp, out, info, pipeline, steps)
+        write_notes(tmp, out, info, pipeline, steps)
     return out
 
 
-def _check_consistency_export(info: _Student) -> None:
+def check_consistency_export(info: ExportedStudent) -> None:
     """What LCMScheduler cannot reproduce: deterministic multistep-CD sampling, and a class UNet's
     guidance embedding (diffusers' UNet2DModel has no ``timestep_cond``)."""
     if not info.consistency:
@@ -370,10 +256,8 @@ def _check_consistency_export(info: _Student) -> None:
                                "UNet2DModel takes no timestep_cond (train with generator.guidance_embedding_dim=null)")
 
 
-def _write_text_export(info: _Student, teacher_dir: str | Path | None, tmp: Path) -> str:
+def _write_text_export(info: ExportedStudent, teacher_dir: str | Path | None, tmp: Path) -> str:
     """Copy the teacher pipeline's components but unet/ and scheduler/; write the student's unet."""
-    from stepdistill.denoisers.loading import resolve_local_dir
-
     if teacher_dir is None:
         raise StepdistillError("a text-to-image student needs the teacher directory (its text encoders, "
                                "tokenizers and VAE): pass teacher_dir / set teacher.path in the run config")
@@ -400,57 +284,3 @@ def _write_text_export(info: _Student, teacher_dir: str | Path | None, tmp: Path
                  scheduler=["diffusers", "LCMScheduler"])
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     return pipeline
-
-
-def _guidance_note(info: _Student, pipeline: str) -> str:
-    if info.guidance_scale != GUIDANCE_SCALE:
-        return (f"`guidance_scale={info.guidance_scale}` is the scale the student reproduces in one forward: the "
-                "pipeline gives it to the UNet's guidance embedding (`time_cond_proj_dim`) and runs no CFG")
-    return f"`guidance_scale={GUIDANCE_SCALE}` turns classifier-free guidance off (the {pipeline} default runs it)"
-
-
-def _write_notes(tmp: Path, out: Path, info: _Student, pipeline: str | None, steps: int) -> None:
-    n = info.schedule.num_train_timesteps
-    m = info.original_steps
-    grids = {str(k): info.grid(k) for k in range(1, 9)}
-    exact = [k for k in range(1, 9) if lcm_timesteps(n, k, m) == grids[str(k)]]
-    notes = {
-        "format": "diffusers", "pipeline": pipeline, "backbone": info.class_name, "steps": steps,
-        "guidance_scale": info.guidance_scale, "scheduler": "LCMScheduler",
-        "prediction_type": info.prediction.to_diffusers(), "num_train_timesteps": n, "t_max": info.t_max,
-        "original_inference_steps": m,
-        "timesteps": grids, "default_timesteps_exact_for_steps": exact,
-        "rng": "initial noise randn([B, C, H, W], generator) first, then one randn per re-noising step",
-    }
-    (tmp / MARKER).write_text(json.dumps(notes, indent=2) + "\n")
-    grid = grids.get(str(steps), info.grid(steps))
-    exact_here = lcm_timesteps(n, steps, m) == grid
-    timesteps_arg = "" if exact_here else f", timesteps={grid}"
-    set_arg = str(steps) if exact_here else f"timesteps={grid}"
-    if pipeline is not None:
-        usage = (f"```python\nimport torch\nfrom diffusers import DiffusionPipeline\n\n"
-                 f"pipe = DiffusionPipeline.from_pretrained(\"{out}\")\n"
-                 f"images = pipe([\"a prompt\"], num_inference_steps={steps}{timesteps_arg}, "
-                 f"guidance_scale={info.guidance_scale},\n              generator=torch.Generator().manual_seed(0)).images\n```\n\n"
-                 + _guidance_note(info, pipeline) + "; a teacher safety checker, if copied, may blank images (pass `safety_checker=None` "
-                 "to reproduce stepdistill's samples exactly)"
-                 + ("; with `invisible-watermark` installed the SDXL pipeline watermarks its images (pass "
-                    "`add_watermarker=False`)" if "XL" in pipeline else "") + ".\n")
-    else:
-        usage = ("```python\nimport torch\nfrom diffusers import LCMScheduler, UNet2DModel\n\n"
-                 f"unet = UNet2DModel.from_pretrained(\"{out}\", subfolder=\"unet\")\n"
-                 f"scheduler = LCMScheduler.from_pretrained(\"{out}\", subfolder=\"scheduler\")\n"
-                 "g = torch.Generator().manual_seed(0)\n"
-                 "x = torch.randn(len(labels), unet.config.in_channels, unet.config.sample_size, "
-                 "unet.config.sample_size, generator=g)\n"
-                 f"scheduler.set_timesteps({set_arg})\n"
-                 "for t in scheduler.timesteps:\n"
-                 "    x = scheduler.step(unet(x, t, class_labels=labels).sample, t, x, generator=g).prev_sample\n"
-                 "images = (x / 2 + 0.5).clamp(0, 1)\n```\n\n"
-                 f"One step by hand: `x0 = (x_T - sqrt(1 - abar[{grid[0]}]) * eps) / sqrt(abar[{grid[0]}])` with "
-                 f"`abar = scheduler.alphas_cumprod`, `x_T` the standard normal noise (as drawn above) and "
-                 f"`eps = unet(x_T, {grid[0]}, class_labels=labels).sample`.\n")
-    (tmp / "README.md").write_text(
-        f"# Few-step generator exported by stepdistill\n\n{info.class_name} student, {steps} steps "
-        f"(timesteps {grid}), prediction `{info.prediction.to_diffusers()}`.\n\n{usage}")
-

@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 
 from stepdistill.adapters import CONFIG, WEIGHTS
 from stepdistill.errors import StepdistillError
-from stepdistill.pipelines.export import MARKER, check_out_dir, staged_directory
+from stepdistill.pipelines.staging import MARKER, check_out_dir, staged_directory
 
 
 def export_adapters(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:

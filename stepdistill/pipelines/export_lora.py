@@ -21,14 +21,8 @@ from pathlib import Path
 
 from stepdistill.denoisers.loading import LORA_WEIGHTS
 from stepdistill.errors import StepdistillError
-from stepdistill.pipelines.export import (
-    MARKER,
-    TEXT_BACKBONES,
-    _check_consistency_export,
-    _student_from_dir,
-    check_out_dir,
-    staged_directory,
-)
+from stepdistill.pipelines.export import TEXT_BACKBONES, check_consistency_export, student_from_dir
+from stepdistill.pipelines.staging import MARKER, check_out_dir, staged_directory
 
 
 def export_lora(run_dir: str | Path, out_dir: str | Path, steps: int | None = None, *,
@@ -39,11 +33,11 @@ def export_lora(run_dir: str | Path, out_dir: str | Path, steps: int | None = No
     if not weights.is_file():
         raise StepdistillError(f"run {str(root)!r} has no LoRA student (student/lora/{LORA_WEIGHTS}): train with "
                                "generator.lora_rank=R, or export the full student with format=diffusers")
-    info = _student_from_dir(root)
+    info = student_from_dir(root)
     if info.class_name not in TEXT_BACKBONES:
         raise StepdistillError(f"format=lora needs a text-to-image UNet student ({', '.join(TEXT_BACKBONES)}); "
                                f"this run's is {info.class_name}: use format=diffusers")
-    _check_consistency_export(info)
+    check_consistency_export(info)
     steps = int(steps or info.steps)
     out = check_out_dir(out_dir, overwrite)
     with staged_directory(out) as tmp:

@@ -14,26 +14,31 @@ CPU ``torch.Generator`` ``rng``:
 2. then one fresh ``torch.randn([B, *sample_shape], generator=rng)`` per re-noising step: K - 1 draws
    for K steps, none for one step (``stepdistill.sampling.renoise_sample``).
 
-Latent samples are decoded as diffusers' Stable Diffusion pipelines do (``decode_latents``).
+Latent samples are decoded as diffusers' Stable Diffusion pipelines do (``decode_latents``). Loading a
+training run's student (``load_run``, ``build_generator``) is ``stepdistill.pipelines.runs``.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
+import transformers
 from diffusers import DiffusionPipeline
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from torch import Tensor
 
 from stepdistill.conditioning import Conditioning
+from stepdistill.data.prompts import PromptEncoder, TextStack
 from stepdistill.denoisers.diffusers import config_size
+from stepdistill.denoisers.loading import model_subfolder, resolve_local_dir, wrap_backbone
 from stepdistill.errors import StepdistillError
 from stepdistill.kernels.negative_steering import negative_prompt_steering
+from stepdistill.pipelines.runs import build_generator, load_run
+from stepdistill.pipelines.scheduler import few_step_scheduler
 from stepdistill.roles import Generator
 from stepdistill.schedules import NoiseSchedule
 
@@ -112,63 +117,6 @@ def pixels_to_unit(x0: Tensor) -> Tensor:
     return (x0 / 2 + 0.5).clamp(0, 1)
 
 
-# --------------------------------------------------------------------------- runs
-@dataclass
-class StudentRun:
-    """A training run directory: ``config.yaml`` (resolved) and ``student/`` (``save_denoiser``)."""
-
-    path: Path
-    config: Any
-    generator: Generator
-
-    @property
-    def teacher_path(self) -> Path | None:
-        teacher = self.config.get("teacher") if self.config is not None else None
-        path = teacher.get("path") if teacher is not None else None
-        return Path(str(path)) if path else None
-
-
-def load_run(run_dir: str | Path) -> StudentRun:
-    """Load a run's student as a ``Generator`` (steps and t_max from the run's ``generator`` config)."""
-    from omegaconf import OmegaConf
-
-    from stepdistill.denoisers.loading import load_denoiser
-
-    if not run_dir:
-        raise StepdistillError("run=DIR is required: the training run directory")
-    root = Path(str(run_dir)).expanduser()
-    if not root.is_dir():
-        raise StepdistillError(f"run directory not found: {str(root)!r}")
-    if not (root / "student").is_dir():
-        raise StepdistillError(f"run {str(root)!r} has no student/ directory (is training finished? "
-                               "the trainer writes student/ at the end)")
-    config = OmegaConf.load(root / "config.yaml") if (root / "config.yaml").is_file() else OmegaConf.create({})
-    generator = build_generator(config.get("generator"), load_denoiser(root / "student"),
-                                adapters_dir=root / "student" / "adapters").eval()
-    return StudentRun(root, config, generator)
-
-
-def build_generator(gen_cfg: Any, denoiser: Any, adapters_dir: Path | None = None) -> Generator:
-    """The run's ``generator`` node (its ``_target_`` class and settings) around a loaded student
-    ``denoiser`` (not copied); a plain ``Generator`` for configs without a target. An AGD student
-    (``AdapterGenerator``) loads its trained adapters from ``adapters_dir``."""
-    from hydra.utils import get_class
-    from omegaconf import OmegaConf
-
-    settings = dict(gen_cfg) if isinstance(gen_cfg, dict) else \
-        OmegaConf.to_container(gen_cfg, resolve=True) if gen_cfg is not None else {}
-    for key in ("lora_rank", "lora_alpha", "lora_target_modules"):  # a saved LoRA student is merged
-        settings.pop(key, None)
-    cls = get_class(settings.pop("_target_", "stepdistill.roles.Generator"))
-    if not (isinstance(cls, type) and issubclass(cls, Generator)):
-        raise StepdistillError(f"generator._target_ {cls!r} is not a stepdistill.roles.Generator")
-    if "adapters_path" in inspect.signature(cls).parameters:
-        if adapters_dir is None or not Path(adapters_dir).is_dir():
-            raise StepdistillError(f"{cls.__name__} needs its trained adapters: no directory {str(adapters_dir)!r}")
-        settings["adapters_path"] = str(adapters_dir)
-    return cls(denoiser, **settings, copy=False)
-
-
 # --------------------------------------------------------------------------- the pipeline
 class FewStepPipeline(DiffusionPipeline):
     """A diffusers pipeline around a few-step generator (class labels, prompts, or unconditional).
@@ -209,9 +157,6 @@ class FewStepPipeline(DiffusionPipeline):
                        **components: Any) -> FewStepPipeline:
         """Wrap a ``Generator`` (its backbone is shared, not copied); text stacks and the VAE are read
         from ``teacher_dir`` (a diffusers pipeline directory) unless passed as ``components``."""
-        from stepdistill.denoisers.loading import model_subfolder
-        from stepdistill.pipelines.export import few_step_scheduler
-
         backbone = getattr(generator.denoiser.backbone, "module", generator.denoiser.backbone)
         base = getattr(generator.denoiser, "scheduler_config", None)
         parts: dict[str, Any] = {model_subfolder(backbone): backbone,
@@ -248,8 +193,6 @@ class FewStepPipeline(DiffusionPipeline):
     def student(self) -> Generator:
         """The ``Generator`` over this pipeline's backbone (shared, not copied); an AGD student is
         the generator the pipeline was built from (its adapters are not part of the backbone)."""
-        from stepdistill.denoisers.loading import wrap_backbone
-
         if getattr(self, "_adapted_student", None) is not None:
             return self._adapted_student
 
@@ -259,8 +202,6 @@ class FewStepPipeline(DiffusionPipeline):
         return build_generator(settings, denoiser)
 
     def prompt_encoder(self) -> Any:
-        from stepdistill.data.prompts import PromptEncoder, TextStack
-
         if self.text_encoder is None or self.tokenizer is None:
             raise StepdistillError("this pipeline has no text encoder: pass class_labels= or batch_size=")
         time_ids = None
@@ -368,11 +309,6 @@ class FewStepPipeline(DiffusionPipeline):
 
 def load_text_components(teacher_dir: str | Path) -> dict[str, Any]:
     """The VAE, tokenizers and text encoders of a local diffusers pipeline directory (those present)."""
-    import diffusers
-    import transformers
-
-    from stepdistill.denoisers.loading import resolve_local_dir
-
     root = resolve_local_dir(teacher_dir)
     index_file = root / "model_index.json"
     index = json.loads(index_file.read_text()) if index_file.is_file() else {}

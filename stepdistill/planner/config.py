@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
+from stepdistill.adapters import GuidanceAdapters  # imports diffusers: only for AGD
 from stepdistill.config import compose_train, instantiate, no_critic_message
 from stepdistill.denoisers.loading import ADAPTERS, teacher_dtype, wrap_backbone
 from stepdistill.errors import StepdistillError
@@ -173,8 +175,6 @@ def job_from_config(cfg: DictConfig, plan: PlanArgs, stack: MetaStack) -> Job:
 
 def _algorithm_keys(cfg: DictConfig) -> set[str]:
     """The algorithm's constructor arguments (SiD's GAN critic term follows its ``gan_weight``)."""
-    from hydra.utils import get_object
-
     try:
         return set(inspect.signature(get_object(cfg.algorithm["_target_"])).parameters)
     except Exception:  # noqa: BLE001 - an unimportable target: no keys
@@ -197,8 +197,6 @@ def _role(node: Any, fallback: Any, stack: MetaStack) -> RoleSpec:
 
 def _adapter_parameters(node: Any, stack: MetaStack) -> int:
     """AGD's guidance adapters on the stack's denoiser, built on ``meta`` and counted."""
-    from stepdistill.adapters import GuidanceAdapters  # imports diffusers: only for AGD
-
     if stack.class_name not in ADAPTERS:
         raise StepdistillError(f"AGD's adapters need a {', '.join(ADAPTERS)} denoiser; got {stack.class_name}")
     schedule = NoiseSchedule.from_diffusers({"num_train_timesteps": 1000})

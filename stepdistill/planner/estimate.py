@@ -64,6 +64,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
+from hydra.utils import get_object
 
 from stepdistill.errors import StepdistillError
 from stepdistill.planner.activations import Trace
@@ -322,8 +323,6 @@ def algorithm_setting(cfg: Any, key: str, default: Any) -> Any:
     if key in node:
         return node[key]
     try:
-        from hydra.utils import get_object
-
         param = inspect.signature(get_object(node["_target_"])).parameters.get(key)
     except Exception:  # noqa: BLE001 - an unimportable target: the caller's default
         return default

@@ -24,12 +24,17 @@ from functools import cache, cached_property
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
+import transformers
 from torch import Tensor, nn
 
+from stepdistill.denoisers.loading import ADAPTERS, find_model_dir, resolve_local_dir, wrap_backbone
 from stepdistill.errors import StepdistillError
+from stepdistill.heads import DiscriminatorHead
 from stepdistill.planner.activations import Trace, trace
 from stepdistill.planner.presets import Component, Preset, preset
+from stepdistill.schedules import NoiseSchedule
 from stepdistill.training.sharding import block_classes
 
 #: LoRA targets when a config names none: the shipped lcm_lora list, plus the text stream's projections
@@ -53,9 +58,6 @@ _T5_TOKENS = {"StableDiffusion3Pipeline": 256, "FluxPipeline": 512}
 
 def build(component: Component) -> nn.Module:
     """``component`` on the ``meta`` device (no memory, no weights)."""
-    import diffusers
-    import transformers
-
     library = {"diffusers": diffusers, "transformers": transformers}[component.library]
     cls = getattr(library, component.class_name, None)
     if cls is None:
@@ -110,8 +112,6 @@ class MetaStack:
     @classmethod
     def from_dir(cls, path: str | Path) -> MetaStack:
         """The stack of a local diffusers directory, from its config files alone."""
-        from stepdistill.denoisers.loading import find_model_dir, resolve_local_dir
-
         root = resolve_local_dir(path)
         config = _read_json(find_model_dir(root) / "config.json")
         name = config.get("_class_name")
@@ -184,8 +184,6 @@ class MetaStack:
     def head_parameters(self, width: int | None) -> int:
         """The DMD2 discriminator head on this denoiser's default features (its Denoiser adapter's
         ``feature_shape``); 0 for denoisers without one (no GAN head possible)."""
-        from stepdistill.heads import DiscriminatorHead
-
         shape = self.feature_shape()
         if shape is None:
             return 0
@@ -193,9 +191,6 @@ class MetaStack:
             return parameter_count(DiscriminatorHead(shape, width))
 
     def feature_shape(self) -> tuple[int, ...] | None:
-        from stepdistill.denoisers.loading import ADAPTERS, wrap_backbone
-        from stepdistill.schedules import NoiseSchedule
-
         if self.class_name not in ADAPTERS:
             return None
         schedule = NoiseSchedule.from_diffusers({"num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
@@ -313,8 +308,6 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _transformers_model(directory: Path, class_name: str) -> nn.Module:
-    import transformers
-
     config = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
     cls = getattr(transformers, class_name, None)
     if cls is None:

@@ -21,9 +21,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from stepdistill.conditioning import Conditioning
 from stepdistill.errors import StepdistillError
+from stepdistill.tasks import Task
 
 LOGGERS = ("none", "wandb", "tensorboard")
 
@@ -143,8 +145,6 @@ class Progress:
     """A tqdm bar over all steps (resumed runs start where they left off)."""
 
     def __init__(self, total: int, initial: int, enabled: bool) -> None:
-        from tqdm.auto import tqdm
-
         self.bar = tqdm(total=total, initial=initial, desc="train", disable=not enabled,
                         dynamic_ncols=True, unit="step")
 
@@ -161,7 +161,7 @@ class SampleGrid:
     """Sample grids of the generator into ``samples/step-XXXXXX.png`` (written by the main process).
 
     Args:
-        task: a task (``eval_labels``, ``sample_shape``, ``null_class``, ``save_samples_figure``).
+        task: a task with ``sample_figures`` (``stepdistill.tasks.Task``).
         model: a context manager giving (the generator to sample from, its row label) for its block,
             e.g. the EMA generator (``Trainer.sampling``).
         directory: the ``samples/`` directory.
@@ -172,7 +172,7 @@ class SampleGrid:
             process alone saves.
     """
 
-    def __init__(self, accelerator, task, model: Callable[[], AbstractContextManager[tuple[nn.Module, str]]],
+    def __init__(self, accelerator, task: Task, model: Callable[[], AbstractContextManager[tuple[nn.Module, str]]],
                  directory: Path, every: int, num_samples: int, seed: int, collective: bool = False) -> None:
         self.accelerator, self.task, self.model = accelerator, task, model
         self.directory, self.every = directory, int(every)

@@ -18,10 +18,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from safetensors.torch import load_model, save_model
 from torch import nn
 
+from stepdistill.denoisers.loading import save_denoiser
+from stepdistill.ema import EMA
 from stepdistill.errors import StepdistillError
-from stepdistill.training.ema import EMA
 
 PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-checkpoint-"
@@ -126,8 +128,6 @@ def save_checkpoint(accelerator, root: Path, state: TrainerState, ema: EMA | Non
 
 
 def _write_trainer_files(directory: Path, state: TrainerState, ema: EMA | None) -> None:
-    from safetensors.torch import save_model
-
     if ema is not None:
         save_model(ema.model, str(directory / "ema.safetensors"))
     (directory / "trainer_state.json").write_text(json.dumps(asdict(state)))
@@ -137,8 +137,6 @@ def load_checkpoint(accelerator, path: Path, ema: EMA | None,
                     extra: Callable[[Path], None] | None = None) -> TrainerState:
     """Restore what ``save_checkpoint`` saved (models, optimizers, schedules, RNG states, EMA;
     ``extra(path)`` on every process: a sharded run's shards)."""
-    from safetensors.torch import load_model
-
     if (extra is None) == (path / SHARDED).is_dir():
         wrote = "fsdp (or hsdp)" if (path / SHARDED).is_dir() else "ddp"
         raise StepdistillError(f"cannot resume from {str(path)!r}: a sharded checkpoint (trainer.strategy=fsdp|hsdp) "
@@ -161,8 +159,6 @@ def load_checkpoint(accelerator, path: Path, ema: EMA | None,
 def export_student(generator: nn.Module, directory: Path) -> Path:
     """Write ``generator.denoiser`` as a diffusers-format directory, replacing ``directory`` whole;
     an AGD student's guidance adapters go to ``adapters/`` inside it."""
-    from stepdistill.denoisers.loading import save_denoiser
-
     tmp = directory.with_name(f".{directory.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_denoiser(generator.denoiser, tmp)

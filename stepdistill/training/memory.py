@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from diffusers.hooks import HookRegistry, apply_group_offloading
 from torch import nn
 
 from stepdistill.algorithms.base import Algorithm, unwrap
@@ -85,8 +86,6 @@ def offload_teacher(algorithm: Algorithm, device: torch.device | str) -> int:
     """Keep the teacher's backbone weights in CPU memory, each block moved to ``device`` for its forward
     (diffusers' ``apply_group_offloading``, block level, one block per group; on a CPU device the moves
     are no-ops but the hooks run). Returns the number of offloaded blocks (hooked modules)."""
-    from diffusers.hooks import apply_group_offloading
-
     backbone = algorithm.teacher.denoiser.backbone
     check_not_shared(algorithm, backbone)
     apply_group_offloading(backbone, onload_device=torch.device(device), offload_device=torch.device("cpu"),
@@ -107,7 +106,5 @@ def check_not_shared(algorithm: Algorithm, backbone: nn.Module) -> None:
 def offloaded_modules(backbone: nn.Module) -> list[str]:
     """Names of ``backbone``'s modules that carry a diffusers group-offloading hook ("" is the top level,
     which moves the weights outside the blocks)."""
-    from diffusers.hooks import HookRegistry
-
     return [name for name, m in backbone.named_modules()
             if hasattr(m, "_diffusers_hook") and HookRegistry.check_if_exists_or_initialize(m).get_hook(OFFLOAD_HOOK)]

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import ProjectConfiguration
 
 from stepdistill.errors import StepdistillError
 from stepdistill.training.callbacks import LoggerConfig
@@ -100,9 +102,6 @@ def resolve_mixed_precision(value: str, cpu: bool) -> str:
 
 
 def build_accelerator(config: TrainerConfig, logger: LoggerConfig, output_dir: Path):
-    from accelerate import Accelerator, DistributedDataParallelKwargs
-    from accelerate.utils import ProjectConfiguration
-
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
         raise StepdistillError("accelerate launch --use_fsdp does not shard stepdistill's roles: launch without "
                                "--use_fsdp and set trainer.strategy=fsdp (or hsdp)")

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from stepdistill.conditioning import Conditioning
 from stepdistill.denoisers.base import Denoiser
+from stepdistill.ema import EMA
 from stepdistill.losses import denoising_loss
-from stepdistill.training.ema import EMA
 
 #: (batch_size, generator) -> (x0 [B, ...], class labels [B])
 BatchSampler = Callable[[int, torch.Generator], tuple[Tensor, Tensor]]
@@ -92,6 +93,4 @@ def _warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
 
 
 def _progress(total: int, enabled: bool):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc="teacher", disable=not enabled, dynamic_ncols=True)

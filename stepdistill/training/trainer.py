@@ -21,11 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import broadcast, set_seed
 from torch import Tensor, nn
 
-from stepdistill.algorithms.base import Algorithm, Batch, unwrap
-from stepdistill.conditioning import Conditioning
+from stepdistill.algorithms.base import Algorithm, unwrap
+from stepdistill.batch import Batch
+from stepdistill.ema import EMA
 from stepdistill.errors import StepdistillError
+from stepdistill.tasks import Task
 from stepdistill.training import checkpoint, sharding
 from stepdistill.training.callbacks import (
     LoggerConfig,
@@ -36,7 +39,6 @@ from stepdistill.training.callbacks import (
     flat_config,
 )
 from stepdistill.training.checkpoint import TrainerState
-from stepdistill.training.ema import EMA
 from stepdistill.training.memory import apply_memory_switches
 from stepdistill.training.optim import OptimConfig, build_optimizer, build_schedule
 from stepdistill.training.settings import TrainerConfig, build_accelerator
@@ -66,15 +68,12 @@ class TaskBatches:
     (seed, step), so every process, however many there are, draws the same global batch; ``rows``
     keeps only those rows of it (a process's share), which text tasks then encode alone."""
 
-    def __init__(self, task, seed: int = 0) -> None:
+    def __init__(self, task: Task, seed: int = 0) -> None:
         self.task, self.seed = task, int(seed)
 
     def __call__(self, step: int, size: int, rows: slice = slice(None)) -> Batch:
         g = torch.Generator().manual_seed(self.seed * 1_000_033 + 7919 * step + 1)
-        if hasattr(self.task, "train_batch"):  # tasks with their own conditions (prompts)
-            return self.task.train_batch(size, g, rows)
-        x0, labels = self.task.batch(size, g)
-        return Batch(cond=Conditioning.labels(labels[rows], self.task.null_class), x0=x0[rows])
+        return self.task.train_batch(size, g, rows)
 
 
 class Trainer:
@@ -93,7 +92,7 @@ class Trainer:
     """
 
     def __init__(self, algorithm: Algorithm, batches, config: TrainerConfig, optim: OptimConfig,
-                 output_dir: str | Path, *, logger: LoggerConfig | None = None, task=None,
+                 output_dir: str | Path, *, logger: LoggerConfig | None = None, task: Task | None = None,
                  accelerator=None, run_config: dict[str, Any] | None = None) -> None:
         self.algorithm, self.batches, self.config = algorithm, batches, config
         self.output_dir, self.logger = Path(output_dir), logger or LoggerConfig()
@@ -391,8 +390,6 @@ class Trainer:
         past = time.perf_counter() >= self.deadline
         if self.accelerator.num_processes == 1:
             return past
-        from accelerate.utils import broadcast
-
         return bool(broadcast(torch.tensor([past], device=self.accelerator.device)).item())
 
     def make_callbacks(self, start_step: int) -> list:
@@ -400,7 +397,7 @@ class Trainer:
         acc, cfg = self.accelerator, self.config
         out = [MetricsLog(acc, self.output_dir / "logs.jsonl", cfg.log_every, start_step),
                Progress(cfg.max_steps, start_step, cfg.progress and acc.is_main_process)]
-        if self.task is not None and hasattr(self.task, "save_samples_figure"):
+        if self.task is not None and self.task.sample_figures:
             out.append(SampleGrid(acc, self.task, self.sampling, self.output_dir / "samples",
                                   cfg.sample_every, cfg.num_samples, cfg.seed, collective=self.sharded))
         return out
@@ -456,8 +453,6 @@ class Trainer:
         return {ph: nn.ModuleList(ms) for ph, ms in self.phase_modules.items()}
 
     def _resume_or_seed(self) -> None:
-        from accelerate.utils import set_seed
-
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             checkpoint.remove_partial(self.output_dir / "checkpoints")

@@ -295,8 +295,8 @@ def test_adversarial_noise_levels_stay_below_gan_t_max():
 ])
 def test_shipped_consistency_experiments_build(experiment, segments, sampler):
     """The configs instantiate (lists arrive as omegaconf ListConfig) into the intended algorithm."""
-    from stepdistill.commands.train import build_algorithm
     from stepdistill.config import compose
+    from stepdistill.workflows.train import build_algorithm
 
     algo = build_algorithm(compose("train", [f"experiment={experiment}"]), seed=0)
     assert algo.segments == segments and algo.generator.sampler == sampler

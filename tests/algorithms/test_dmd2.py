@@ -1,5 +1,10 @@
 """DMD2: the distribution-matching gradient, GAN signs, phase schedule, and who gets gradients."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from algo_helpers import assert_only_the_phase_trains, labelled_batch, train_only
@@ -57,11 +62,21 @@ def test_only_the_running_phase_gets_gradients(parts, phase):
     assert_only_the_phase_trains((teacher, generator, critic), phase, out, {"dm_loss", "gan_generator_loss"})
 
 
-def test_backward_simulation_draws_the_same_k_for_a_step(parts):
-    algo = DMD2(*parts, seed=7)
-    ks = [int(torch.randint(4, (1,), generator=algo.shared_generator(s))) for s in range(40)]
-    again = [int(torch.randint(4, (1,), generator=algo.shared_generator(s))) for s in range(40)]
-    assert ks == again and set(ks) == {0, 1, 2, 3}
+def test_backward_simulation_draws_the_same_k_on_every_process(tmp_path):
+    """Two torchrun processes with different noise (their global RNG seeded by rank) run the 4-step
+    generator the same number of times at every step (k simulated steps + the trained one, every k
+    in 0..3 drawn), while their samples differ: k comes from the shared generator, the noise does not."""
+    here = Path(__file__).resolve().parent
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(here), str(here.parent.parent), os.environ.get("PYTHONPATH", "")]))
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            str(here / "backward_simulation_run.py"), str(tmp_path)]
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{k}.pt", weights_only=True) for k in (0, 1)]
+    assert ranks[0]["counts"] == ranks[1]["counts"]
+    assert set(ranks[0]["counts"]) == {1, 2, 3, 4}
+    assert not torch.allclose(ranks[0]["outputs"], ranks[1]["outputs"])
 
 
 def test_dm_gradient_vanishes_when_the_critic_equals_the_teacher(parts):

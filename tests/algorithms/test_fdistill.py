@@ -125,7 +125,7 @@ def test_generator_gradient_is_the_h_weighted_dm_gradient(parts, divergence):
     """d loss / d x (the generator's output) is h(r / EMA of r in t's bin) / mean(h) * (x0_fake - x0_real)
     / mean|x - x0_real| / (CHW B), with r = exp(logit) of the critic's head at the DM term's (x_t, t)."""
     teacher, generator, critic = parts
-    algo = FDistill(teacher, generator, critic, divergence=divergence, gan_generator_weight=0.0)
+    algo = FDistill(teacher, generator, critic, divergence=divergence, gan_generator_weight=0.0, ratio_momentum=0.9)
     critic.requires_grad_(False)
     algo.ratio_normalizer.mean.fill_(2.0)  # a running mean of 2 in every bin: this batch is EMA'd in
     algo.ratio_normalizer.count.fill_(1.0)
@@ -159,6 +159,16 @@ def test_generator_gradient_is_the_h_weighted_dm_gradient(parts, divergence):
     atol = 4 * 2.0 ** -24 * float(x.detach().abs().max()) / (x[0].numel() * len(x))
     torch.testing.assert_close(x.grad.double(), expected, rtol=1e-5, atol=atol)
     assert not torch.allclose(weight, torch.ones_like(weight))  # the weights really differ
+
+
+def test_ratio_momentum_defaults_to_fastgens_zero(parts):
+    """FastGen's default (and f-distill's): no momentum, each bin's mean is this batch's own."""
+    assert FDistill(*parts).ratio_normalizer.momentum == 0.0
+    norm = RatioNormalizer(bins=2)
+    t = torch.tensor([0.1, 0.2, 0.7])
+    norm.update(torch.tensor([1.0, 3.0, 5.0]), t)
+    norm.update(torch.tensor([4.0, 8.0, 10.0]), t)
+    torch.testing.assert_close(norm.mean, torch.tensor([6.0, 10.0], dtype=torch.float64))
 
 
 @pytest.mark.parametrize("gan_generator_weight", [0.0, 1e-3])

@@ -8,7 +8,7 @@ import stepdistill.algorithms.sid as sid_module
 from stepdistill.algorithms.sid import SiD
 from stepdistill.conditioning import Conditioning
 from stepdistill.errors import StepdistillError
-from stepdistill.losses import sid_generator_loss
+from stepdistill.losses import edm_denoising_loss, edm_weight, sid_generator_loss
 from stepdistill.roles import Critic, Generator
 from stepdistill.schedules import Prediction
 
@@ -232,3 +232,72 @@ def test_gan_needs_a_head_and_real_data_and_is_data_free_without_it(parts):
         assert torch.isfinite(algo.loss(phase, labelled_batch(x0=False), 1).loss)
     with pytest.raises(StepdistillError, match="needs real data"):
         SiD(*parts, gan_weight=1e-2).loss("critic", labelled_batch(x0=False), 0)
+
+
+# ----------------------------------------------------------------- the critic's loss and range
+def test_edm_denoising_loss_exact_values():
+    """EDM (Karras et al. 2022, Table 1): lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2.
+    sigma_data = 0.5: lambda(0.5) = 0.5 / 0.0625 = 8, lambda(1) = 1.25 / 0.25 = 5, lambda(0.25) = 20."""
+    torch.testing.assert_close(edm_weight(torch.tensor([0.5, 1.0, 0.25])),
+                               torch.tensor([8.0, 5.0, 20.0], dtype=torch.float64))
+    x0 = torch.zeros(2, 1, 2, 2)
+    pred = torch.tensor([[1.0, -1.0, 2.0, 0.0], [0.5, 0.5, 0.5, 0.5]]).reshape(2, 1, 2, 2)
+    # mean squared errors 6 / 4 = 1.5 and 0.25: losses 8 * 1.5 = 12 and 5 * 0.25 = 1.25
+    torch.testing.assert_close(edm_denoising_loss(pred, x0, torch.tensor([0.5, 1.0])), torch.tensor([12.0, 1.25]))
+    # sigma_data = 1: lambda(1) = 2
+    torch.testing.assert_close(edm_denoising_loss(pred, x0, torch.tensor([1.0, 1.0]), sigma_data=1.0),
+                               torch.tensor([3.0, 0.5]))
+
+
+def _critic_times(algo, calls=6):
+    seen = []
+    handle = algo.critic.register_forward_pre_hook(lambda _m, args: seen.append(args[1].detach().clone()))
+    for step in range(calls):
+        algo.loss("critic", labelled_batch(), step)
+    handle.remove()
+    return torch.cat(seen)
+
+
+def test_critic_range_defaults_to_the_full_range_and_is_configurable(parts, monkeypatch):
+    teacher, _, critic = parts
+    schedule, drawn = teacher.schedule, []
+    real = schedule.sample_time
+
+    def spy(n, **kwargs):
+        drawn.append((kwargs.get("t_min", 0.0), kwargs.get("t_max", 1.0)))
+        return real(n, **kwargs)
+
+    monkeypatch.setattr(schedule, "sample_time", spy)
+    generator = Generator(teacher.denoiser, steps=1)
+    SiD(teacher, generator, critic).loss("critic", labelled_batch(), 0)
+    assert drawn == [(0.0, 1.0)]  # the behaviour before the option: the whole range
+    algo = SiD(teacher, generator, critic, critic_t_min=0.02, critic_t_max=0.98)  # SiD-LSG's [20, 980)
+    steps = _critic_times(algo) * 999
+    assert steps.min() >= 20 - 1e-6 and steps.max() <= 979 + 1e-6
+
+
+def test_edm_critic_loss_weights_the_x0_error_at_the_drawn_sigma(parts, monkeypatch):
+    teacher, _, critic = parts
+    algo = SiD(teacher, Generator(teacher.denoiser, steps=1), critic, guidance_train_critic=1.0,
+               critic_loss="edm", critic_t_min=0.02, critic_t_max=0.98)
+    seen, real = {}, sid_module.edm_denoising_loss
+
+    def spy(x0_pred, x0, sigma):
+        seen.update(pred=x0_pred, sigma=sigma)
+        return real(x0_pred, x0, sigma)
+
+    monkeypatch.setattr(sid_module, "edm_denoising_loss", spy)
+    t = _critic_times(algo, calls=1)
+    schedule = teacher.schedule
+    assert ((t >= 0.02 - 1e-9) & (t <= 0.98 + 1e-9)).all()
+    torch.testing.assert_close(seen["sigma"], schedule.sigma(t) / schedule.alpha(t))
+    assert seen["pred"].shape == (4, 1, 8, 8)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(critic_loss="mse"), "allowed: eps_uniform, edm"),
+    (dict(critic_t_min=0.5, critic_t_max=0.5), "critic_t_min < critic_t_max"),
+])
+def test_bad_critic_loss_settings_are_one_line_errors(parts, kwargs, match):
+    with pytest.raises(StepdistillError, match=match):
+        SiD(*parts, **kwargs)

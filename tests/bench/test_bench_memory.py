@@ -11,7 +11,8 @@ from stepdistill.cli import main
 
 
 def _built(experiment, tmp_path):
-    from stepdistill.commands.train import build_algorithm, compose_train
+    from stepdistill.config import compose_train
+    from stepdistill.workflows.train import build_algorithm
 
     cfg = compose_train([f"experiment={experiment}", f"output_dir={tmp_path}"])
     return build_algorithm(cfg, 0)

@@ -68,7 +68,7 @@ def test_resume_reuses_finished_runs(suite):
 
 
 def test_fit_to_budget_scales_tscd_stages():
-    from stepdistill.commands.train import compose_train
+    from stepdistill.config import compose_train
 
     cfg = compose_train(["experiment=digits/tscd", "output_dir=unused"])
     changed = fit_to_budget(cfg, 300)  # configured: 3,000 iterations, stages of 400

@@ -100,3 +100,47 @@ def test_script_is_thin_and_works(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "123,456" in readme.read_text()
+
+
+# ----------------------------------------------------------------- provenance, summary, methods, run records
+def test_rows_name_their_config_and_whether_the_shipped_one_still_has_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(results_table, "shipped_config_sha", {"toy2d/dmd2": "aaaa", "toy2d/sid": "bbbb"}.get)
+    rows = [{**QUALITY["rows"][0], "config_sha": "aaaa"},
+            {**QUALITY["rows"][0], "experiment": "toy2d/sid", "config_sha": "old0"},
+            {**QUALITY["rows"][0], "experiment": "toy2d/gone", "config_sha": "cccc"},
+            {**QUALITY["rows"][0], "experiment": "toy2d/lcm"}]
+    bench = write(tmp_path, quality={**QUALITY, "rows": rows})
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in results_table.render_summary(bench).splitlines()
+             if line.startswith("| toy2d/")}
+    assert lines["toy2d/dmd2"].endswith("| `aaaa` | same |")
+    assert lines["toy2d/sid"].endswith("| `old0` | changed since |")
+    assert lines["toy2d/gone"].endswith("| `cccc` | not shipped |")
+    assert lines["toy2d/lcm"].endswith("| - | not recorded |")
+    assert "| `aaaa` | same |" in results_table.render(bench)  # the full tables carry it too
+
+
+def test_methods_table_lists_shipped_experiments_and_prefers_a_current_run_record(tmp_path, monkeypatch):
+    monkeypatch.setattr(results_table, "shipped_config_sha", lambda e: "same0")
+    digits = write(tmp_path / "digits", quality={**QUALITY, "rows": [
+        {**QUALITY["rows"][0], "dataset": "digits", "experiment": "digits/sid", "metric": "fid", "value": 1.5,
+         "teacher_value": 0.5, "ratio": 3.0, "config_sha": "old0"}]})
+    (digits / "run_dmd2.json").write_text(json.dumps({
+        "experiment": "digits/dmd2", "config_sha": "same0", "metric": "fid", "value": 0.4, "teacher_value": 0.2,
+        "ratio": 2.0, "steps": 1, "iterations": 3000, "noise_seeds": [0, 1], "machine": MACHINE}))
+    table = results_table.render_methods(digits)
+    dmd2 = next(line for line in table.splitlines() if line.startswith("| [DMD2](docs/methods/dmd2.md)"))
+    sid = next(line for line in table.splitlines() if line.startswith("| [SiD](docs/methods/sid.md)"))
+    assert "`dmd2_4step`" in dmd2 and "`dmd2_lora_24gb`" in dmd2  # from configs/experiment
+    assert "digits fid 0.4 = 2x the teacher, 1 step, 3,000 iterations, mean over noise seeds 0, 1" in dmd2
+    assert "digits fid 1.5 = 3x the teacher" in sid and "config changed since" in sid
+
+
+def test_a_run_that_changed_its_shipped_config_is_not_recorded(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("experiment_name: toy2d/dmd2\ntrainer:\n  max_steps: 7\n")
+    (run / "metrics.json").write_text("{}")
+    (run / "train.json").write_text("{}")
+    with pytest.raises(StepdistillError, match="changed the shipped config of toy2d/dmd2"):
+        results_table.record_run(run, tmp_path)
+    assert not list(tmp_path.glob("run_*.json"))

@@ -15,7 +15,9 @@ from stepdistill.cli import main
 from stepdistill.data.digits import load_digits_tensors, to_uint8
 from stepdistill.errors import StepdistillError
 from stepdistill.eval import features, fid_stats, images
-from stepdistill.eval.fid import compute_fid, digits_fid, frechet_distance
+from stepdistill.eval.digits_fid import digits_fid
+from stepdistill.eval.fid import compute_fid
+from stepdistill.eval.fid_stats import frechet_distance
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -5,8 +5,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from stepdistill.cli import main
-from stepdistill.commands.train import compose_train, train
+from stepdistill.config import compose_train
 from stepdistill.errors import StepdistillError
+from stepdistill.workflows.train import train
 
 
 def test_agd_without_trajectories_fails_before_writing(tmp_path, capsys):

@@ -17,6 +17,8 @@ BAD_INPUTS = {
     "bad data value": (["teacher", "train", "dataset=toy2d", "data.classes=9", "output_dir={tmp}/o"], "data.classes is 9 but data.modes is 8"),
     "unknown command": (["teahcer", "train"], "unknown command 'teahcer train'"),
     "no output dir": (["teacher", "train", "dataset=toy2d"], "output_dir is required"),
+    "renamed key": (["teacher", "eval", "dataset=toy2d", "guidance_scale=2", "output_dir={tmp}/o"],
+                    "guidance_scale was renamed teacher.guidance_scale: write teacher.guidance_scale=2"),
 }
 
 

@@ -26,6 +26,7 @@ def toy():
     return Teacher(load_denoiser(ASSETS_DIR / "teachers" / "toy2d")), task
 
 
+@pytest.mark.slow
 def test_toy2d_teacher_100_steps_matches_the_mixture(toy):
     teacher, task = toy
     labels = task.eval_labels()
@@ -39,6 +40,7 @@ def test_toy2d_teacher_100_steps_matches_the_mixture(toy):
     assert m2["swd"] > 2 * m100["swd"]  # measured 0.41 at 2 steps: few-step sampling is what we distil
 
 
+@pytest.mark.slow
 def test_imbalanced_toy2d_teacher_covers_the_light_modes():
     """The mode-coverage study's teacher (configs/data/toy2d_imbalanced.yaml: radius 3, five heavy modes
     of weight 10 then three light ones of weight 1, unconditional)."""

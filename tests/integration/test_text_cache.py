@@ -171,6 +171,7 @@ def test_image_cache_holds_the_vae_latents_and_no_vae_is_loaded(tmp_path, reques
     assert torch.equal(batch.cond.prompt_embeds, expected.cond.prompt_embeds)
 
 
+@pytest.mark.slow
 def test_sd3_cache_removes_the_t5_and_clip_encoders_from_training(tmp_path, request, one_thread):
     teacher = tiny_stack_dir("sd3")
     out = tmp_path / "sd3"

@@ -14,9 +14,9 @@ import torch
 
 from stepdistill.adapters import parameter_count
 from stepdistill.cli import main
-from stepdistill.commands.train import build_algorithm
 from stepdistill.config import compose
 from stepdistill.pipelines.few_step import FewStepPipeline
+from stepdistill.workflows.train import build_algorithm
 
 
 def test_adapters_sit_after_every_cross_attention_and_are_a_few_percent(one_thread):

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from stepdistill.cli import main
-from stepdistill.commands.train import build_algorithm
 from stepdistill.config import compose
 from stepdistill.denoisers.loading import LORA_WEIGHTS
+from stepdistill.workflows.train import build_algorithm
 
 
 def parameter_bytes(module: torch.nn.Module) -> int:

@@ -11,13 +11,16 @@ exports them with a loader that reproduces the run's samples.
 
 import json
 
+import pytest
 import torch
 
 from stepdistill.cli import main
 from stepdistill.conditioning import Conditioning
 from stepdistill.denoisers.loading import load_denoiser
-from stepdistill.pipelines.few_step import load_run
+from stepdistill.pipelines.runs import load_run
 from stepdistill.roles import AdapterGenerator, Teacher
+
+pytestmark = pytest.mark.slow  # a multi-minute training: `make test-fast` leaves it out
 
 
 def test_agd_reproduces_cfg_in_one_pass_and_exports_its_adapters(tmp_path, monkeypatch, one_thread):

@@ -4,6 +4,10 @@ Convergence threshold (issue 3): the 1-step student's swd <= 1.3x the teacher's 
 full mode coverage. Measured with this config: 1.00x-1.12x over seeds (0.079-0.088 vs 0.0787).
 """
 
+import pytest
+
+pytestmark = pytest.mark.slow  # a multi-minute training: `make test-fast` leaves it out
+
 
 def test_one_step_dmd2_student_matches_the_teacher(train_toy2d):
     out, metrics = train_toy2d("toy2d/dmd2")

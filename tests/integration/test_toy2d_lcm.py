@@ -13,8 +13,10 @@ import pytest
 from omegaconf import OmegaConf
 
 from stepdistill.cli import main
-from stepdistill.pipelines.few_step import load_run
+from stepdistill.pipelines.runs import load_run
 from stepdistill.roles import ConsistencyGenerator
+
+pytestmark = pytest.mark.slow  # a multi-minute training: `make test-fast` leaves it out
 
 
 def test_four_step_lcm_student_matches_the_teacher(train_toy2d, one_thread):

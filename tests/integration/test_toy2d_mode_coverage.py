@@ -17,6 +17,10 @@ At 1,500 iterations (scripts/toy2d_mode_study.py, README) the picture is the sam
 
 from statistics import mean
 
+import pytest
+
+pytestmark = pytest.mark.slow  # a multi-minute training: `make test-fast` leaves it out
+
 SEEDS = (0, 1)
 STEPS = 800
 DIVERGENCES = ("reverse_kl", "forward_kl", "js")

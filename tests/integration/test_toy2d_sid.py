@@ -5,6 +5,10 @@ with full mode coverage. Measured with this config (one thread, seed 0, as here)
 teacher's 0.0787 (1.24x), coverage 1.0, class accuracy 99.1%; 3,000 iterations in 2-4 minutes.
 """
 
+import pytest
+
+pytestmark = pytest.mark.slow  # a multi-minute training: `make test-fast` leaves it out
+
 
 def test_one_step_sid_student_matches_the_teacher(train_toy2d, one_thread):
     _, metrics = train_toy2d("toy2d/sid")

@@ -100,7 +100,7 @@ def text_run_steps(run):
 
 
 def _student(run):
-    from stepdistill.pipelines.few_step import load_run
+    from stepdistill.pipelines.runs import load_run
 
     return load_run(run)
 

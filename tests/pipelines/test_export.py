@@ -29,7 +29,8 @@ from stepdistill.pipelines import (
     few_step_scheduler,
     lcm_timesteps,
 )
-from stepdistill.pipelines.export import MARKER, generator_timesteps, lcm_original_steps
+from stepdistill.pipelines.scheduler import generator_timesteps, lcm_original_steps
+from stepdistill.pipelines.staging import MARKER
 from stepdistill.roles import ConsistencyGenerator, Generator, Teacher
 
 IMAGE_ATOL = 1e-4

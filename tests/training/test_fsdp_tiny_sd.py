@@ -26,6 +26,8 @@ from safetensors.torch import load_file
 
 from stepdistill.training.sharding import free_port
 
+pytestmark = pytest.mark.slow  # a multi-minute training: `make test-fast` leaves it out
+
 HERE = Path(__file__).resolve().parent
 CONFIGS = HERE / "configs"
 DMD2 = ["experiment=test/tiny_sd_dmd2_gan", f"hydra.searchpath=[file://{CONFIGS}]"]

@@ -189,6 +189,7 @@ def test_checkpointing_refuses_what_it_cannot_recompute(monkeypatch):
         apply_memory_switches(algo, switches(gradient_checkpointing=True), "cpu")
 
 
+@pytest.mark.slow
 def test_checkpointing_lowers_the_peak_of_a_tiny_sd_dmd2_step_by_30_percent(tmp_path, one_thread):
     """The peak of torch's allocations during DMD2's critic and generator steps (loss + backward,
     tiny_sd/dmd2 as ``stepdistill train`` builds it, 64 x 64 latents, batch 1) with and without
@@ -212,10 +213,11 @@ def measure_checkpointing(stack: str, batch_size: int) -> dict:
     """Torch's allocation peak of each DMD2 phase's loss + backward, checkpointed and plain, and the
     largest gradient difference between the two."""
     from stepdistill.bench.memory import allocation_peak
-    from stepdistill.commands.teacher import build_task
-    from stepdistill.commands.train import build_algorithm, compose_train
+    from stepdistill.config import compose_train
     from stepdistill.training.memory import apply_memory_switches, trained_backbones
     from stepdistill.training.trainer import TaskBatches
+    from stepdistill.workflows.teacher import build_task
+    from stepdistill.workflows.train import build_algorithm
 
     cfg = compose_train(["experiment=tiny_sd/dmd2", f"teacher.path={stack}"])
     algorithm = build_algorithm(cfg, 0)

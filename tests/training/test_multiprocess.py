@@ -15,9 +15,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from stepdistill.training.sharding import free_port
+
+pytestmark = pytest.mark.slow  # a multi-minute training: `make test-fast` leaves it out
 
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "multiprocess_run.py"

@@ -21,19 +21,19 @@ from stepdistill.errors import StepdistillError
 from stepdistill.eval.digits_classifier import (
     DEFAULT_DIR,
     DigitsClassifier,
+    DigitsFeatures,
     accuracy,
+    default_classifier,
     load_classifier,
     save_classifier,
 )
-from stepdistill.eval.fid import (
-    DigitsFeatures,
+from stepdistill.eval.digits_fid import (
     class_accuracy,
-    default_classifier,
     digits_features,
     digits_fid,
     digits_metrics,
-    frechet_distance,
 )
+from stepdistill.eval.fid_stats import frechet_distance
 
 
 def _noisy(images, std, seed=0):

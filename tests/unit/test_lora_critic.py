@@ -38,7 +38,7 @@ from stepdistill.training.settings import TrainerConfig
 from stepdistill.training.trainer import Trainer
 
 TOY_TARGETS = ["proj_in", "fc1", "fc2", "linear_1"]
-#: the tiny SD experiments' LoRA targets (configs/experiment/tiny_sd/lcm_lora.yaml, dmd2_lora.yaml)
+#: the tiny SD experiments' LoRA targets (configs/lora/unet.yaml, used by tiny_sd/lcm_lora and tiny_sd/dmd2_lora)
 SD_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
               "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
 

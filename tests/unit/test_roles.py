@@ -105,7 +105,7 @@ def test_ode_sampler_equals_diffusers_ddim_loop(denoiser):
 def test_generator_timesteps_set_its_own_grid_and_survive_settings(denoiser):
     """``timesteps`` (DMD2's denoising_step_list) is the K-step grid; other step counts keep the even
     grid from t_max; the settings rebuild the same sampler."""
-    from stepdistill.pipelines.few_step import build_generator
+    from stepdistill.pipelines.runs import build_generator
     from stepdistill.sampling import renoise_sample
 
     gen = Generator(denoiser, steps=4, t_max=0.3, timesteps=[300, 150, 100, 50], copy=False)

@@ -148,3 +148,20 @@ def test_bad_inputs_raise_clear_errors():
         Prediction.from_diffusers("score")
     with pytest.raises(ValueError, match="steps"):
         NoiseSchedule.flow().timesteps(0)
+
+
+def test_t_from_sigma_ratio_inverts_sigma_over_alpha():
+    """EDM's sigma of a schedule is sigma(t) / alpha(t): flow t / (1 - t); VP sqrt((1 - ab) / ab) at the
+    table's own steps (ab from the betas, computed here), with values beyond the table clamped."""
+    flow = NoiseSchedule.flow()
+    torch.testing.assert_close(flow.t_from_sigma_ratio(torch.tensor([1.0, 3.0, 0.25])),
+                               torch.tensor([0.5, 0.75, 0.2], dtype=torch.float64))
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    ab = torch.cumprod(1 - betas, 0)
+    steps = torch.tensor([0, 1, 20, 500, 979, 999])
+    ratio = ((1 - ab[steps]) / ab[steps]).sqrt()
+    vp = NoiseSchedule.vp("linear", 1000, 1e-4, 0.02)
+    torch.testing.assert_close(vp.t_from_sigma_ratio(ratio), steps.double() / 999, rtol=0, atol=1e-9)
+    t = vp.t_from_sigma_ratio(torch.tensor([0.5, 2.0]))  # between table steps: the same interpolation as alpha
+    torch.testing.assert_close(vp.sigma(t) / vp.alpha(t), torch.tensor([0.5, 2.0], dtype=torch.float64))
+    assert vp.t_from_sigma_ratio(torch.tensor([1e-4, 1e4])).tolist() == [0.0, 1.0]

@@ -8,10 +8,11 @@ from omegaconf import OmegaConf
 
 from stepdistill.algorithms.base import Batch
 from stepdistill.cli import main
-from stepdistill.commands.train import build_algorithm, build_trainer, compose_train
 from stepdistill.conditioning import Conditioning
+from stepdistill.config import compose_train
 from stepdistill.denoisers.loading import teacher_dtype
 from stepdistill.tiny_stacks import tiny_stack_dir
+from stepdistill.workflows.train import build_algorithm, build_trainer
 
 #: relative error ||x0 - x0_fp32|| / ||x0_fp32|| of the tiny SD1.5 teacher's CFG (1.75) x0 predictions
 #: at t in {0.1, 0.4, 0.7, 0.95}; measured 7.1e-3 (bf16) and 9.3e-4 (fp16)
